@@ -1,0 +1,255 @@
+"""Typed configuration: dataclass defaults < a YAML file < command-line ``key=value`` overrides.
+
+    cfg = load_config("configs/nano.yaml", ["train.steps=200", "run.dir=runs/x"])
+
+Unknown keys, wrong types and out-of-range values fail with a one-line ``ConfigError`` naming the
+key. The resolved config is a plain ``Config`` dataclass (``OmegaConf.to_object``), saved as YAML in
+the run folder and as a dict in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line and names the key."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "nano"  # a key of nanodit.model.SIZES; depth/width/heads below override it
+    depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    patch: int = 2
+    mlp_ratio: float = 4.0
+    in_channels: int = 16
+    dino_dim: int | None = None  # None: taken from the data manifest
+    t5_dim: int | None = None  # None: taken from the data manifest
+    null_text_tokens: int = 4  # length of the learned null caption (>= 1 valid key)
+    kernels: str = "ref"  # ref | triton
+    attention: str = "auto"  # auto | flash | cudnn | sdpa | flex | math
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # shard folder; None: the built-in synthetic "shapes" set in cache_dir
+    cache_dir: str = ".cache/nanodit"
+    synth_samples: int = 100
+    synth_seed: int = 0
+    synth_size: int = 64  # latent side of the square bucket (64 -> 512x512 images)
+    loader: str = "auto"  # auto | gpu-cache | dali | webdataset
+    gpu_cache_fraction: float = 0.5  # auto picks gpu-cache when the data fits this share of free memory
+    flip: bool = True  # horizontal flip with left<->right caption swap, p = 0.5
+    shuffle: bool = True
+    last_batch: str = "partial"  # partial | drop: what happens to a bucket's remainder each epoch
+    t5_pad_multiple: int = 8  # pad T5 to the batch's longest caption rounded up to this
+    t5_max_len: int | None = None  # None: from the manifest; longer captions are an error
+    on_error: str = "raise"  # raise | skip: a sample that breaks the schema
+    num_workers: int = 2  # webdataset loader workers
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000
+    batch_size: int = 16
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 250
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.9999
+    ema_warmup_steps: int = 5000  # decay ramps 0 -> ema_decay over these steps
+    t_mean: float = 0.0  # logit-normal t
+    t_std: float = 1.0
+    p_drop_both: float = 0.1
+    p_drop_text: float = 0.1
+    p_drop_dino: float = 0.1
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: str = "none"  # none | auto | PATH of a checkpoint
+    loss_bins: int = 10  # per-t-bin losses for logging
+
+
+@dataclass
+class ValConfig:
+    every: int = 1000  # 0: only at the end
+    at_end: bool = True
+    samples: int = 5  # per test
+    steps: int = 50  # Euler steps
+    guidance_dino: float = 1.0  # s_d
+    guidance_text: float = 1.0  # s_t
+    seed: int = 1234
+    vae: str | None = None  # local path of a diffusers AutoencoderKL (Flux VAE) for real latents
+    vae_dtype: str = "fp32"  # fp32 | bf16
+    dino: str | None = None  # local path of a DINOv3 model for re-embedding outputs (real data)
+    lpips_net: str = "alex"  # alex | vgg | squeeze
+    lpips_weights: str | None = None  # local path of the LPIPS backbone weights
+    loss_window: int = 50  # smoothing window (logged points) for the loss criterion
+    max_loss_ratio: float = 0.1  # GO needs final/initial smoothed loss below this
+    max_lpips: float = 0.2
+    min_dino_swap: float = 0.6  # pass-rate thresholds
+    min_text_manip: float = 0.6
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # output folder; None: runs/<timestamp>
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "model.kernels": ("ref", "triton"),
+    "model.attention": ("auto", "flash", "cudnn", "sdpa", "flex", "math"),
+    "data.loader": ("auto", "gpu-cache", "dali", "webdataset"),
+    "data.last_batch": ("partial", "drop"),
+    "data.on_error": ("raise", "skip"),
+    "train.precision": ("fp32", "tf32", "bf16"),
+    "val.vae_dtype": ("fp32", "bf16"),
+    "val.lpips_net": ("alex", "vgg", "squeeze"),
+}
+POSITIVE = [
+    "model.patch", "model.in_channels", "model.null_text_tokens", "data.synth_samples",
+    "data.synth_size", "data.t5_pad_multiple", "train.steps", "train.batch_size", "train.log_every",
+    "train.ckpt_every", "train.keep_checkpoints", "train.loss_bins", "val.samples", "val.steps",
+    "val.loss_window", "train.t_std",
+]
+NON_NEGATIVE = [
+    "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+    "train.ema_warmup_steps", "val.every", "data.num_workers",
+]
+UNIT_INTERVAL = [
+    "train.ema_decay", "train.p_drop_both", "train.p_drop_text", "train.p_drop_dino",
+    "data.gpu_cache_fraction", "val.max_loss_ratio", "val.min_dino_swap", "val.min_text_manip",
+]
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check(cfg: Config) -> Config:
+    """Range and choice checks the type system cannot express. Raises ConfigError."""
+    from nanodit.model import SIZES  # late import: the model module imports torch
+
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"config: {key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.model.size not in SIZES:
+        raise ConfigError(f"config: model.size={cfg.model.size!r} is not one of {', '.join(SIZES)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config: {key}={_get(cfg, key)} must be > 0")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config: {key}={_get(cfg, key)} must be >= 0")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"config: {key}={_get(cfg, key)} must be in [0, 1]")
+    t = cfg.train
+    if t.p_drop_both + t.p_drop_text + t.p_drop_dino > 1.0:
+        raise ConfigError("config: train.p_drop_both + p_drop_text + p_drop_dino must be <= 1")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"config: train.betas={list(t.betas)} must be two numbers in [0, 1)")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"config: train.min_lr={t.min_lr} must be <= train.lr={t.lr}")
+    m = cfg.model
+    for key in ("depth", "width", "heads"):
+        v = getattr(m, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"config: model.{key}={v} must be > 0")
+    width = m.width or SIZES[m.size]["width"]
+    heads = m.heads or SIZES[m.size]["heads"]
+    if width % heads:
+        raise ConfigError(f"config: model.width={width} is not divisible by model.heads={heads}")
+    if cfg.data.synth_size % (2 * m.patch):
+        raise ConfigError(
+            f"config: data.synth_size={cfg.data.synth_size} must be a multiple of 2*model.patch"
+        )
+    if t.resume not in ("none", "auto") and not Path(t.resume).is_file():
+        raise ConfigError(f"config: train.resume={t.resume!r} is neither none, auto nor a checkpoint file")
+    return cfg
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"config: {key}: {msg}" if key else f"config: {msg}"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A file path, or the name of a bundled config (nano, smoke, production)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    bundled = CONFIG_DIR / f"{name}.yaml"
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(f"config: --config {name!r}: no such file (bundled: nano, smoke, production)")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < ``key=value`` overrides, type-checked and range-checked."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            p = resolve_config_path(str(path))
+            try:
+                layers.append(OmegaConf.load(p))
+            except Exception as e:  # yaml errors are multi-line
+                raise ConfigError(f"config: {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        for o in overrides or []:
+            if "=" not in o:
+                raise ConfigError(f"config: override {o!r} is not of the form key=value")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    return check(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint (strict: unknown keys fail)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
