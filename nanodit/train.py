@@ -1,0 +1,292 @@
+"""Train NanoDiT by flow matching.
+
+    python -m nanodit.train                                   # nano on a GPU, smoke on a CPU, built-in shapes data
+    python -m nanodit.train --config configs/nano.yaml run.dir=runs/nano train.precision=bf16
+    python -m nanodit.train --config smoke run.dir=runs/smoke train.resume=auto
+
+The story: config -> device -> run folder -> data -> model -> objective -> optimizer/EMA -> compile ->
+resume -> loop (log, checkpoint, validate) -> teardown (final checkpoint, final report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nanodit.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from nanodit.config import Config, ConfigError, load_config, to_dict, to_yaml
+from nanodit.data import build_loader
+from nanodit.data.shards import ShardError
+from nanodit.flow import training_loss
+from nanodit.model import build_model
+from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
+
+
+class TrainError(RuntimeError):
+    """A problem a user can fix; printed as one line."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"train.device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def set_precision(precision: str, device: torch.device):
+    """Matmul precision flags and the autocast context for ``train.precision``."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MetricsLogger:
+    """Metrics to ``metrics.jsonl`` in the run folder and to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> dict:
+    """Run a training job described by ``cfg``. Returns a summary dict (also written as summary.json).
+
+    ``stop_after`` (tests): stop after that step with a checkpoint, as if the job had been interrupted.
+    """
+    say = (lambda *a: None) if quiet else print
+
+    # ---- device and precision ----------------------------------------------------------------
+    device = pick_device(cfg.train.device)
+    autocast = set_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- run folder ---------------------------------------------------------------------------
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = latest_checkpoint(run_dir)
+    elif cfg.train.resume != "none":
+        resume_from = Path(cfg.train.resume)
+    elif list_checkpoints(run_dir):
+        raise TrainError(
+            f"run.dir={run_dir} already holds checkpoints; pass train.resume=auto to continue it or pick a new run.dir"
+        )
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # ---- data ---------------------------------------------------------------------------------
+    manifest, loader = build_loader(cfg, device)
+    say(f"data: {loader.root} ({manifest['count']} samples, buckets {', '.join(manifest['buckets'])}, "
+        f"{loader.batches_per_epoch} batches/epoch)")
+
+    # ---- model and objective ------------------------------------------------------------------
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {cfg.model.size} {n_params / 1e6:.1f}M params, kernels={cfg.model.kernels}, "
+        f"attention={cfg.model.attention}, precision={cfg.train.precision}, compile={cfg.train.compile}, device={device}")
+    flow_loss = model.ops.flow_loss
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+
+    # ---- optimizer and EMA --------------------------------------------------------------------
+    optim = build_optimizer(model, cfg.train, device)
+    ema = EMA(model)
+
+    # ---- compile (checkpoints always hold the uncompiled module) ------------------------------
+    fwd = torch.compile(model) if cfg.train.compile else model
+
+    # ---- resume -------------------------------------------------------------------------------
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optim.load_state_dict(state["optim"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"], generator)
+        step = int(state["step"])
+        say(f"resume: {resume_from} (step {step})")
+
+    # ---- loop ---------------------------------------------------------------------------------
+    metrics = MetricsLogger(run_dir, cfg.run.tensorboard)
+    t = cfg.train
+    validate_hook = _validation_hook(cfg)
+    bar = None
+    if cfg.run.progress and not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loss_acc = torch.zeros((), device=device)
+    bins_acc = torch.zeros(2, t.loss_bins, device=device)
+    n_acc, t_last, first_loss, last_loss = 0, time.perf_counter(), None, None
+
+    def checkpoint(at: int) -> Path:
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optim": optim.state_dict(),
+            "step": at,
+            "rng": rng_state(generator),
+            "loader": loader.state_dict(),
+            "config": to_dict(cfg),
+            "manifest": manifest,
+        }
+        return save_checkpoint(run_dir, at, state, keep=t.keep_checkpoints)
+
+    while step < t.steps:
+        batch = next(loader)
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        loss, stats = training_loss(fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+        optim.step()
+        ema.update(model, ema_decay_at(step, t.ema_decay, t.ema_warmup_steps))
+        step += 1
+        loss_acc += loss.detach()
+        bins_acc += torch.stack([stats["bin_sum"], stats["bin_count"]])
+        n_acc += batch["latent"].shape[0]
+
+        if step % t.log_every == 0 or step == t.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            n_steps = t.log_every if step % t.log_every == 0 else step % t.log_every
+            mean_loss = loss_acc.item() / n_steps
+            if not math.isfinite(mean_loss):
+                checkpoint(step)  # keep the state that diverged for inspection
+                raise TrainError(f"loss is {mean_loss} at step {step}; checkpoint kept in {run_dir / 'checkpoints'}")
+            first_loss = mean_loss if first_loss is None else first_loss
+            last_loss = mean_loss
+            row = {
+                "loss": mean_loss,
+                "lr": lr,
+                "samples_per_s": n_acc / (now - t_last),
+                "ms_per_step": 1000 * (now - t_last) / n_steps,
+                "epoch": loader.state_dict()["epoch"],
+            }
+            if gnorm is not None:
+                row["grad_norm"] = float(gnorm)
+            bs, bc = bins_acc.tolist()
+            for i in range(t.loss_bins):
+                if bc[i] > 0:
+                    row[f"loss_t{i / t.loss_bins:.1f}"] = bs[i] / bc[i]
+            metrics.log(step, row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
+            loss_acc.zero_()
+            bins_acc.zero_()
+            n_acc, t_last = 0, time.perf_counter()
+        if bar is not None:
+            bar.update(1)
+        if step % t.ckpt_every == 0 and step < t.steps:
+            checkpoint(step)
+        if stop_after is not None and step >= stop_after:
+            checkpoint(step)
+            metrics.close()
+            return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
+        if validate_hook is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
+            validate_hook(run_dir, model, ema, manifest, loader, step, metrics)
+            t_last = time.perf_counter()
+
+    # ---- teardown -----------------------------------------------------------------------------
+    if bar is not None:
+        bar.close()
+    final = checkpoint(step)
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": step,
+        "first_logged_loss": first_loss,
+        "last_logged_loss": last_loss,
+        "checkpoint": str(final),
+        "params": n_params,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    if validate_hook is not None and cfg.val.at_end:
+        summary["report"] = validate_hook(run_dir, model, ema, manifest, loader, step, metrics, final=True)
+    metrics.close()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    say(f"done: {step} steps, loss {first_loss} -> {last_loss}")
+    say(f"run folder: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
+    if summary.get("report"):
+        say(f"report: {summary['report']['path']}  decision: {summary['report']['decision']}")
+    return summary
+
+
+def _validation_hook(cfg: Config):
+    """The validation entry point if the validate module is present (GO / NO-GO reports)."""
+    try:
+        from nanodit.validate import validate_during_training
+    except ImportError:
+        return None
+    return validate_during_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nanodit.train", description="Train NanoDiT by flow matching.")
+    ap.add_argument("--config", help="a YAML file or a bundled name (nano, smoke, production); "
+                    "default: nano on a GPU, smoke on a CPU")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 run.dir=runs/x")
+    args = ap.parse_args(argv)
+    try:
+        name = args.config
+        if name is None:
+            name = "nano" if torch.cuda.is_available() else "smoke"
+            if name == "smoke":
+                print("no GPU found: running the smoke config (a minute on a CPU); pass --config to choose")
+        cfg = load_config(name, args.overrides)
+        train(cfg)
+    except (ConfigError, TrainError, ShardError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
