@@ -62,7 +62,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) 
     _atomic(path, lambda p: torch.save(state, p))
     for name in ("model", "ema"):
         tensors = {k: v.detach().contiguous().cpu() for k, v in state[name].items()}
-        _atomic(ckpt_dir / f"{name}.safetensors", lambda p, t=tensors: save_file(t, str(p), {"step": str(step)}))
+        _atomic(
+            ckpt_dir / f"{name}.safetensors", lambda p, t=tensors: save_file(t, str(p), {"step": str(step)})
+        )
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
     return path
@@ -86,7 +88,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
     for key in ("model", "ema", "optim", "step", "config"):
         if key not in state:
             raise CheckpointError(f"{path}: not a nanodit checkpoint (no {key!r})")

@@ -134,18 +134,42 @@ CHOICES = {
     "val.lpips_net": ("alex", "vgg", "squeeze"),
 }
 POSITIVE = [
-    "model.patch", "model.in_channels", "model.null_text_tokens", "data.synth_samples",
-    "data.synth_size", "data.t5_pad_multiple", "train.steps", "train.batch_size", "train.log_every",
-    "train.ckpt_every", "train.keep_checkpoints", "train.loss_bins", "val.samples", "val.steps",
-    "val.loss_window", "train.t_std",
+    "model.patch",
+    "model.in_channels",
+    "model.null_text_tokens",
+    "data.synth_samples",
+    "data.synth_size",
+    "data.t5_pad_multiple",
+    "train.steps",
+    "train.batch_size",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.loss_bins",
+    "val.samples",
+    "val.steps",
+    "val.loss_window",
+    "train.t_std",
 ]
 NON_NEGATIVE = [
-    "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-    "train.ema_warmup_steps", "val.every", "data.num_workers",
+    "train.lr",
+    "train.min_lr",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.ema_warmup_steps",
+    "val.every",
+    "data.num_workers",
 ]
 UNIT_INTERVAL = [
-    "train.ema_decay", "train.p_drop_both", "train.p_drop_text", "train.p_drop_dino",
-    "data.gpu_cache_fraction", "val.max_loss_ratio", "val.min_dino_swap", "val.min_text_manip",
+    "train.ema_decay",
+    "train.p_drop_both",
+    "train.p_drop_text",
+    "train.p_drop_dino",
+    "data.gpu_cache_fraction",
+    "val.max_loss_ratio",
+    "val.min_dino_swap",
+    "val.min_text_manip",
 ]
 
 

@@ -31,8 +31,16 @@ def target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
-def training_loss(model: Callable, batch: dict, flow_loss: Callable, generator: torch.Generator,
-                  t_mean: float = 0.0, t_std: float = 1.0, nbins: int = 10, autocast=None):
+def training_loss(
+    model: Callable,
+    batch: dict,
+    flow_loss: Callable,
+    generator: torch.Generator,
+    t_mean: float = 0.0,
+    t_std: float = 1.0,
+    nbins: int = 10,
+    autocast=None,
+):
     """One flow-matching loss on a batch. Returns (loss, stats) where stats hold per-t-bin sums and counts.
 
     ``flow_loss`` is the op of ``model.kernels`` (reference or fused): per-sample MSE of v to eps - x0.
@@ -43,29 +51,58 @@ def training_loss(model: Callable, batch: dict, flow_loss: Callable, generator: 
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, C, H, W)
     x_t = interpolate(x0, eps, t)  # (B, C, H, W)
     with autocast if autocast is not None else torch.autocast(x0.device.type, enabled=False):
-        v = model(x_t, t, batch["dino"], batch["t5"], batch["t5_mask"], batch["drop_dino"], batch["drop_text"])
+        v = model(
+            x_t, t, batch["dino"], batch["t5"], batch["t5_mask"], batch["drop_dino"], batch["drop_text"]
+        )
     per_sample, bin_sum, bin_count = flow_loss(v, x0, eps, t, None, nbins)
     return per_sample.mean(), {"bin_sum": bin_sum, "bin_count": bin_count}
 
 
-def guided_velocity(model: Callable, x: torch.Tensor, t: torch.Tensor, dino, t5, t5_mask,
-                    s_dino: float = 1.0, s_text: float = 1.0) -> torch.Tensor:
+def guided_velocity(
+    model: Callable,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    dino,
+    t5,
+    t5_mask,
+    s_dino: float = 1.0,
+    s_text: float = 1.0,
+) -> torch.Tensor:
     """Dual-guidance velocity; the needed passes run as one batch."""
     B = x.shape[0]
     if s_dino == 1.0 and s_text == 1.0:
         return model(x, t, dino, t5, t5_mask)
-    ones, zeros = torch.ones(B, dtype=torch.bool, device=x.device), torch.zeros(B, dtype=torch.bool, device=x.device)
+    ones, zeros = (
+        torch.ones(B, dtype=torch.bool, device=x.device),
+        torch.zeros(B, dtype=torch.bool, device=x.device),
+    )
     drop_dino = torch.cat([ones, zeros, zeros])  # (3B,): (0,0), (d,0), (d,t)
     drop_text = torch.cat([ones, ones, zeros])  # (3B,)
-    v = model(x.repeat(3, 1, 1, 1), t.repeat(3), dino.repeat(3, 1), t5.repeat(3, 1, 1), t5_mask.repeat(3, 1),
-              drop_dino, drop_text)  # (3B, C, H, W)
+    v = model(
+        x.repeat(3, 1, 1, 1),
+        t.repeat(3),
+        dino.repeat(3, 1),
+        t5.repeat(3, 1, 1),
+        t5_mask.repeat(3, 1),
+        drop_dino,
+        drop_text,
+    )  # (3B, C, H, W)
     v00, vd0, vdt = v.float().chunk(3)  # 3 x (B, C, H, W)
     return v00 + s_dino * (vd0 - v00) + s_text * (vdt - vd0)
 
 
 @torch.no_grad()
-def sample_euler(model: Callable, noise: torch.Tensor, dino, t5, t5_mask, steps: int = 50,
-                 s_dino: float = 1.0, s_text: float = 1.0, autocast=None) -> torch.Tensor:
+def sample_euler(
+    model: Callable,
+    noise: torch.Tensor,
+    dino,
+    t5,
+    t5_mask,
+    steps: int = 50,
+    s_dino: float = 1.0,
+    s_text: float = 1.0,
+    autocast=None,
+) -> torch.Tensor:
     """Integrate from t = 1 (noise) to t = 0 with ``steps`` Euler steps. Returns x0 estimates (fp32)."""
     x = noise.float()  # (B, C, H, W)
     ts = torch.linspace(1.0, 0.0, steps + 1, device=x.device)

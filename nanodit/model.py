@@ -125,7 +125,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio), width, nn.GELU(approximate="tanh"))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor
+    ) -> torch.Tensor:
         mod = self.adaLN(c)  # (B, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)  # 6 x (B, D)
         h = self.ops.modulate(x, shift_a, scale_a)  # (B, T, D)

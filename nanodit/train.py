@@ -118,14 +118,18 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
 
     # ---- data ---------------------------------------------------------------------------------
     manifest, loader = build_loader(cfg, device)
-    say(f"data: {loader.root} ({manifest['count']} samples, buckets {', '.join(manifest['buckets'])}, "
-        f"{loader.batches_per_epoch} batches/epoch)")
+    say(
+        f"data: {loader.root} ({manifest['count']} samples, buckets {', '.join(manifest['buckets'])}, "
+        f"{loader.batches_per_epoch} batches/epoch)"
+    )
 
     # ---- model and objective ------------------------------------------------------------------
     model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {cfg.model.size} {n_params / 1e6:.1f}M params, kernels={cfg.model.kernels}, "
-        f"attention={cfg.model.attention}, precision={cfg.train.precision}, compile={cfg.train.compile}, device={device}")
+    say(
+        f"model: {cfg.model.size} {n_params / 1e6:.1f}M params, kernels={cfg.model.kernels}, "
+        f"attention={cfg.model.attention}, precision={cfg.train.precision}, compile={cfg.train.compile}, device={device}"
+    )
     flow_loss = model.ops.flow_loss
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
 
@@ -181,7 +185,9 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
         for g in optim.param_groups:
             g["lr"] = lr
-        loss, stats = training_loss(fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast)
+        loss, stats = training_loss(
+            fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast
+        )
         optim.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
@@ -200,7 +206,9 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             mean_loss = loss_acc.item() / n_steps
             if not math.isfinite(mean_loss):
                 checkpoint(step)  # keep the state that diverged for inspection
-                raise TrainError(f"loss is {mean_loss} at step {step}; checkpoint kept in {run_dir / 'checkpoints'}")
+                raise TrainError(
+                    f"loss is {mean_loss} at step {step}; checkpoint kept in {run_dir / 'checkpoints'}"
+                )
             first_loss = mean_loss if first_loss is None else first_loss
             last_loss = mean_loss
             row = {
@@ -229,6 +237,8 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         if stop_after is not None and step >= stop_after:
             checkpoint(step)
             metrics.close()
+            if bar is not None:
+                bar.close()
             return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
         if validate_hook is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
             validate_hook(run_dir, model, ema, manifest, loader, step, metrics)
@@ -269,9 +279,14 @@ def _validation_hook(cfg: Config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nanodit.train", description="Train NanoDiT by flow matching.")
-    ap.add_argument("--config", help="a YAML file or a bundled name (nano, smoke, production); "
-                    "default: nano on a GPU, smoke on a CPU")
+    ap = argparse.ArgumentParser(
+        prog="python -m nanodit.train", description="Train NanoDiT by flow matching."
+    )
+    ap.add_argument(
+        "--config",
+        help="a YAML file or a bundled name (nano, smoke, production); "
+        "default: nano on a GPU, smoke on a CPU",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 run.dir=runs/x")
     args = ap.parse_args(argv)
     try:

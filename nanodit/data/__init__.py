@@ -58,14 +58,18 @@ def build_loader(cfg, device: torch.device):
     root = data_root(cfg)
     manifest = load_manifest(root)
     if cfg.data.loader in ("dali", "webdataset"):
-        raise ShardError(f"data.loader={cfg.data.loader}: this backend is not available yet; use gpu-cache or auto")
+        raise ShardError(
+            f"data.loader={cfg.data.loader}: this backend is not available yet; use gpu-cache or auto"
+        )
     manifest, groups, skipped = read_all(root, on_error=cfg.data.on_error)
     max_len = cfg.data.t5_max_len or manifest.get("t5_max_len")
     if max_len:
         for g in groups.values():
             for s in g:
                 if s.t5.shape[0] > max_len or (s.t5_flip is not None and s.t5_flip.shape[0] > max_len):
-                    raise ShardError(f"{root}: sample {s.id}: T5 length {s.t5.shape[0]} > data.t5_max_len={max_len}")
+                    raise ShardError(
+                        f"{root}: sample {s.id}: T5 length {s.t5.shape[0]} > data.t5_max_len={max_len}"
+                    )
     loader = MemoryLoader(groups, semantics(cfg), device)
     loader.skipped = skipped
     loader.root = root

@@ -1,7 +1,7 @@
 """Data tools.
 
-    python -m nanodit.data synth --out DIR [--samples 100] [--seed 0] [--size 64]
-    python -m nanodit.data check DIR
+python -m nanodit.data synth --out DIR [--samples 100] [--seed 0] [--size 64]
+python -m nanodit.data check DIR
 """
 
 from __future__ import annotations

@@ -82,7 +82,10 @@ def padded_length(lengths: list[int], multiple: int) -> int:
 def collate(samples: list[Sample], epoch: int, sem: Semantics) -> dict:
     """Samples of one bucket -> a batch of CPU tensors (fp16 arrays stay fp16)."""
     flips = [flip_decision(s.id, sem.seed, epoch, sem.flip and s.has_flip) for s in samples]
-    drops = [cfg_decision(s.id, sem.seed, epoch, sem.p_drop_both, sem.p_drop_text, sem.p_drop_dino) for s in samples]
+    drops = [
+        cfg_decision(s.id, sem.seed, epoch, sem.p_drop_both, sem.p_drop_text, sem.p_drop_dino)
+        for s in samples
+    ]
     lat = [s.latent_flip if f else s.latent for s, f in zip(samples, flips)]
     dino = [s.dino_flip if f else s.dino for s, f in zip(samples, flips)]
     t5 = [s.t5_flip if f else s.t5 for s, f in zip(samples, flips)]
@@ -113,7 +116,9 @@ class MemoryLoader:
     batches bitwise equal to this one.
     """
 
-    def __init__(self, groups: dict[tuple[int, int], list[Sample]], sem: Semantics, device: str | torch.device = "cpu"):
+    def __init__(
+        self, groups: dict[tuple[int, int], list[Sample]], sem: Semantics, device: str | torch.device = "cpu"
+    ):
         if not groups:
             raise ValueError("data: no samples to load")
         self.groups, self.sem, self.device = groups, sem, torch.device(device)
@@ -139,7 +144,9 @@ class MemoryLoader:
 
     def _to_device(self, batch: dict) -> dict:
         nb = self.device.type == "cuda"
-        return {k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        return {
+            k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()
+        }
 
     def __iter__(self):
         return self

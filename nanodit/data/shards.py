@@ -76,7 +76,9 @@ class ShardWriter:
     ``manifest_extra`` (encoder names/versions, VAE scale/shift, ...) is merged into the manifest.
     """
 
-    def __init__(self, out_dir: str | Path, manifest_extra: dict | None = None, samples_per_shard: int = 1000):
+    def __init__(
+        self, out_dir: str | Path, manifest_extra: dict | None = None, samples_per_shard: int = 1000
+    ):
         import webdataset as wds
 
         self._wds = wds
@@ -110,7 +112,9 @@ class ShardWriter:
         bucket = tuple(int(v) for v in meta["bucket"])
         lat = sample["latent"]
         if tuple(lat.shape[1:]) != bucket:
-            raise ShardError(f"ShardWriter: sample {key}: latent shape {lat.shape} does not match bucket {bucket}")
+            raise ShardError(
+                f"ShardWriter: sample {key}: latent shape {lat.shape} does not match bucket {bucket}"
+            )
         rec = {"__key__": key, "json": json.dumps(meta).encode()}
         for k in ("latent", "latent_flip", "dino", "dino_flip", "t5", "t5_flip", "t5_mask"):
             if sample.get(k) is not None:
@@ -160,7 +164,9 @@ class ShardWriter:
 def load_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise ShardError(f"{path}: no manifest.json (is {root} a shard folder? `python -m nanodit.data synth` makes one)")
+        raise ShardError(
+            f"{path}: no manifest.json (is {root} a shard folder? `python -m nanodit.data synth` makes one)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -215,7 +221,9 @@ def decode_sample(raw: dict, url: str, manifest: dict) -> Sample:
         bucket = tuple(int(v) for v in meta["bucket"])
         sid = str(meta.get("id", key))
     except Exception as e:
-        raise ShardError(f"{at}: key 'json': {e.__class__.__name__}: needs {{'bucket': [h, w], 'id': ...}}") from None
+        raise ShardError(
+            f"{at}: key 'json': {e.__class__.__name__}: needs {{'bucket': [h, w], 'id': ...}}"
+        ) from None
     C, Dd, Dt = manifest.get("latent_channels", 16), manifest["dino_dim"], manifest["t5_dim"]
     arrays = {}
     for k in ("latent.npy", "dino.npy", "t5.npy") + FLIP_KEYS:
@@ -229,7 +237,9 @@ def decode_sample(raw: dict, url: str, manifest: dict) -> Sample:
         if k in arrays:
             a = _check_float(arrays[k], f"{at}: key {k!r}", f"({C}, {bucket[0]}, {bucket[1]})", 3)
             if a.shape != (C, *bucket):
-                raise ShardError(f"{at}: key {k!r}: shape {a.shape}, expected ({C}, {bucket[0]}, {bucket[1]})")
+                raise ShardError(
+                    f"{at}: key {k!r}: shape {a.shape}, expected ({C}, {bucket[0]}, {bucket[1]})"
+                )
             arrays[k] = a
     for k in ("dino.npy", "dino_flip.npy"):
         if k in arrays:
@@ -247,7 +257,9 @@ def decode_sample(raw: dict, url: str, manifest: dict) -> Sample:
                 raise ShardError(f"{at}: key {k!r}: shape {a.shape}, expected (L >= 1, {Dt})")
             if mask is not None:  # padded states + mask: keep the valid prefix
                 if mask.shape[0] != a.shape[0]:
-                    raise ShardError(f"{at}: key 't5_mask.npy': length {mask.shape[0]} != {k} length {a.shape[0]}")
+                    raise ShardError(
+                        f"{at}: key 't5_mask.npy': length {mask.shape[0]} != {k} length {a.shape[0]}"
+                    )
                 n = int(mask.sum())
                 if n == 0 or not mask[:n].all():
                     raise ShardError(f"{at}: key 't5_mask.npy': valid tokens must be a non-empty prefix")
@@ -275,12 +287,13 @@ def iter_raw(path: str | Path) -> Iterator[dict]:
     import webdataset as wds
 
     try:
-        for rec in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-            yield rec
+        yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
     except ShardError:
         raise
     except Exception as e:
-        raise ShardError(f"{path}: not a readable tar shard ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+        raise ShardError(
+            f"{path}: not a readable tar shard ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def iter_samples(path: str | Path, manifest: dict, on_error: str = "raise", skipped: list | None = None):
@@ -295,7 +308,9 @@ def iter_samples(path: str | Path, manifest: dict, on_error: str = "raise", skip
                 skipped.append(str(e))
 
 
-def read_all(root: str | Path, on_error: str = "raise") -> tuple[dict, dict[tuple[int, int], list[Sample]], list]:
+def read_all(
+    root: str | Path, on_error: str = "raise"
+) -> tuple[dict, dict[tuple[int, int], list[Sample]], list]:
     """Every sample of a shard folder, grouped by bucket (in shard order). Returns (manifest, groups, skipped)."""
     manifest = load_manifest(root)
     groups: dict[tuple[int, int], list[Sample]] = {}
@@ -304,7 +319,9 @@ def read_all(root: str | Path, on_error: str = "raise") -> tuple[dict, dict[tupl
         for p in paths:
             for s in iter_samples(p, manifest, on_error, skipped):
                 if s.bucket != bucket:
-                    raise ShardError(f"{p}: sample {s.id}: json bucket {list(s.bucket)} but shard is in {bucket}")
+                    raise ShardError(
+                        f"{p}: sample {s.id}: json bucket {list(s.bucket)} but shard is in {bucket}"
+                    )
                 groups.setdefault(bucket, []).append(s)
     return manifest, groups, skipped
 
@@ -325,7 +342,10 @@ def check_dir(root: str | Path) -> tuple[dict[str, int], str | None]:
             for p in paths:
                 for s in iter_samples(p, manifest):
                     if s.bucket != bucket:
-                        return counts, f"{p}: sample {s.id}: json bucket {list(s.bucket)} but shard is in {name}"
+                        return (
+                            counts,
+                            f"{p}: sample {s.id}: json bucket {list(s.bucket)} but shard is in {name}",
+                        )
                     if s.id in seen:
                         return counts, f"{p}: sample {s.id}: duplicate id"
                     if s.t5.shape[0] > manifest.get("t5_max_len", s.t5.shape[0]):
@@ -334,7 +354,10 @@ def check_dir(root: str | Path) -> tuple[dict[str, int], str | None]:
                     counts[name] += 1
             expected = manifest["buckets"][name].get("count")
             if expected is not None and expected != counts[name]:
-                return counts, f"{Path(root) / MANIFEST}: bucket {name}: manifest says {expected} samples, shards hold {counts[name]}"
+                return (
+                    counts,
+                    f"{Path(root) / MANIFEST}: bucket {name}: manifest says {expected} samples, shards hold {counts[name]}",
+                )
     except ShardError as e:
         return counts, str(e)
     return counts, None
