@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, default=100)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=64, help="latent side of the square bucket (64 -> 512 px)")
+    s.add_argument("--size", type=int, default=64, help="latent side of the square bucket (64: the nano shape; images are 2x the latent)")
     c = sub.add_parser("check", help="count samples per bucket and report the first problem")
     c.add_argument("dir")
     args = ap.parse_args(argv)
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.samples <= 0:
             print("error: --samples must be > 0", file=sys.stderr)
             return 2
-        if args.size <= 0 or args.size % 8:
-            print("error: --size must be a positive multiple of 8", file=sys.stderr)
+        if args.size < 16 or args.size % 4:
+            print("error: --size must be a multiple of 4 and >= 16", file=sys.stderr)
             return 2
         manifest = make_dataset(args.out, samples=args.samples, seed=args.seed, size=args.size)
         print(f"wrote {manifest['count']} samples to {args.out}")

@@ -77,11 +77,16 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: str | Path, manifest_extra: dict | None = None, samples_per_shard: int = 1000
+        self,
+        out_dir: str | Path,
+        manifest_extra: dict | None = None,
+        samples_per_shard: int = 1000,
+        write_index: bool = True,
     ):
         import webdataset as wds
 
         self._wds = wds
+        self.write_index = write_index  # a DALI index file (wds2idx format) beside each finished tar
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.extra = dict(manifest_extra or {})
@@ -96,13 +101,20 @@ class ShardWriter:
         n = self.counts.get(bucket, 0)
         if bucket not in self.writers or n % self.per_shard == 0:
             if bucket in self.writers:
-                self.writers[bucket].close()
+                self._finish(bucket)
             folder = self.out / bucket_name(*bucket)
             folder.mkdir(exist_ok=True)
             rel = f"{bucket_name(*bucket)}/shard-{len(self.shards.get(bucket, [])):05d}.tar"
             self.shards.setdefault(bucket, []).append(rel)
-            self.writers[bucket] = self._wds.TarWriter(str(self.out / rel))
+            self.writers[bucket] = self._wds.TarWriter(str(self.out / rel), mtime=0.0)  # byte-reproducible
         return self.writers[bucket]
+
+    def _finish(self, bucket: tuple[int, int]) -> None:
+        self.writers[bucket].close()
+        if self.write_index:
+            from nanodit.data.index import write_wds_index
+
+            write_wds_index(self.out / self.shards[bucket][-1])
 
     def write(self, sample: dict) -> None:
         key = sample["__key__"]
@@ -136,8 +148,8 @@ class ShardWriter:
         self.counts[bucket] = self.counts.get(bucket, 0) + 1
 
     def close(self) -> dict:
-        for w in self.writers.values():
-            w.close()
+        for bucket in self.writers:
+            self._finish(bucket)
         manifest = {
             "format": FORMAT,
             "count": sum(self.counts.values()),

@@ -1,0 +1,256 @@
+"""The nano-step workload: one full training step (forward, flow loss, backward, AdamW, EMA) at batch 16.
+
+    pytest bench/bench_step.py --benchmark-only           # pytest-benchmark, GPU only
+    python bench/bench_step.py --out bench/results/step.json [--variants ref-eager,triton-compile]
+
+Workload (DESIGN.md "Performance"): nano model (12 x 384, 6 heads), batch 16, 64x64x16 latents, T5 padded to 256
+tokens with random valid lengths, DINO 1024-d, bf16 autocast unless the variant says fp32. Variants: nanodit with
+``kernels=ref`` / ``triton``, eager / ``torch.compile`` / compile with CUDA graphs (mode="reduce-overhead"), and
+the diffusers ``PixArtTransformer2DModel`` peer at the nano size with the same loop. Reported: ms/step (median of
+CUDA-event timed windows), samples/s, model TFLOP/s (FLOPs of one step from torch.utils.flop_counter), MFU against
+the card's bf16 matmul peak measured in the same run, peak memory, card, torch/triton versions, commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+B, C, HW, L, DD, DT = 16, 16, 64, 256, 1024, 4096
+VARIANTS = [
+    "ref-eager",
+    "triton-eager",
+    "ref-compile",
+    "triton-compile",
+    "ref-compile-cg",
+    "triton-compile-cg",
+    "ref-eager-fp32",
+    "pixart-eager",
+    "pixart-compile",
+]
+
+
+def make_batch(device, seed=0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lens = torch.randint(1, L + 1, (B,), generator=g)
+    mask = torch.arange(L)[None] < lens[:, None]  # (B, L)
+    t5 = torch.randn(B, L, DT, generator=g).half() * mask[..., None]  # (B, L, Dt)
+    return {
+        "latent": torch.randn(B, C, HW, HW, generator=g).half().to(device),
+        "dino": torch.randn(B, DD, generator=g).half().to(device),
+        "t5": t5.to(device),
+        "t5_mask": mask.to(device),
+        "drop_text": (torch.rand(B, generator=g) < 0.2).to(device),
+        "drop_dino": (torch.rand(B, generator=g) < 0.2).to(device),
+    }
+
+
+class PixArtAdapter(torch.nn.Module):
+    """diffusers PixArtTransformer2DModel at the nano size, called like NanoDiT (no DINO path)."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers import PixArtTransformer2DModel
+
+        self.net = PixArtTransformer2DModel(
+            num_attention_heads=6,
+            attention_head_dim=64,
+            in_channels=C,
+            out_channels=C,
+            num_layers=12,
+            cross_attention_dim=384,
+            caption_channels=DT,
+            patch_size=2,
+            sample_size=HW,
+            norm_type="ada_norm_single",
+            use_additional_conditions=False,
+        )
+
+    def forward(self, x, t, dino, t5, t5_mask, drop_dino=None, drop_text=None):
+        return self.net(
+            x,
+            encoder_hidden_states=t5.to(x.dtype),
+            timestep=t * 1000,
+            encoder_attention_mask=t5_mask.to(x.dtype),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+
+
+def build(variant: str, device):
+    from nanodit.config import ModelConfig
+    from nanodit.kernels import flow_loss_ref
+    from nanodit.model import build_model
+
+    parts = variant.split("-")
+    if parts[0] == "pixart":
+        model = PixArtAdapter().to(device)
+        flow_loss = flow_loss_ref
+    else:
+        model = build_model(ModelConfig(size="nano", kernels=parts[0]), DD, DT).to(device)
+        flow_loss = model.ops.flow_loss
+    fwd = model
+    if "compile" in parts:
+        fwd = torch.compile(model, mode="reduce-overhead" if "cg" in parts else None)
+    precision = "fp32" if "fp32" in parts else "bf16"
+    return model, fwd, flow_loss, precision
+
+
+def make_step(variant: str, device):
+    from nanodit.flow import training_loss
+    from nanodit.optim import EMA, param_groups
+
+    model, fwd, flow_loss, precision = build(variant, device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    opt = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    ema = EMA(model)
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch = make_batch(device)
+
+    def step():
+        loss, _ = training_loss(fwd, batch, flow_loss, gen, autocast=autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, 0.999)
+        return loss
+
+    def flops() -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            loss, _ = training_loss(model, batch, flow_loss, gen, autocast=autocast)
+            loss.backward()
+        opt.zero_grad(set_to_none=True)
+        return float(fc.get_total_flops())
+
+    return step, flops, model
+
+
+def time_steps(step, warmup=10, windows=5, per_window=10) -> list[float]:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(windows):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(per_window):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / per_window)
+    return times
+
+
+def matmul_peak_tflops(device) -> float:
+    """bf16 matmul ceiling measured here: 8192^3 on random data, median of 10."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return 2 * 8192**3 / (statistics.median(ts) * 1e-3) / 1e12
+
+
+def measure(variant: str, device, peak: float) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    step, flops, _ = make_step(variant, device)
+    fl = flops()
+    times = time_steps(step)
+    ms = statistics.median(times)
+    tflops = fl / (ms * 1e-3) / 1e12
+    return {
+        "variant": variant,
+        "ms_per_step": ms,
+        "ms_spread": [min(times), max(times)],
+        "samples_per_s": B / (ms * 1e-3),
+        "step_tflop": fl / 1e12,
+        "tflops": tflops,
+        "mfu": tflops / peak,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
+
+
+@pytest.fixture(scope="module")
+def peak():
+    return matmul_peak_tflops(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nano_step(benchmark, variant, peak, bench_meta):
+    device = torch.device("cuda")
+    if variant.startswith("pixart"):
+        pytest.importorskip("diffusers")
+    row = measure(variant, device, peak)
+    step, _, _ = make_step(variant, device)
+    for _ in range(5):
+        step()
+
+    def run10():
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run10, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({**bench_meta, **row, "matmul_peak_tflops": peak})
+
+
+def main() -> None:
+    from conftest import machine_info
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    meta = machine_info()
+    peak = matmul_peak_tflops(device)
+    rows = []
+    for v in args.variants.split(","):
+        if v.startswith("pixart"):
+            try:
+                import diffusers  # noqa: F401
+            except ImportError:
+                print(f"{v}: skipped (diffusers not installed)")
+                continue
+        try:
+            rows.append(measure(v, device, peak))
+        except Exception as e:  # a failing variant is reported, the others still run
+            rows.append({"variant": v, "error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {**meta, "matmul_peak_tflops": peak, "workload": f"nano-step B{B} {HW}x{HW}x{C} L{L}", "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
+          f"bf16 matmul peak {peak:.0f} TFLOP/s")
+    print(f"{'variant':20s} {'ms/step':>8s} {'samples/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:20s} ERROR {r['error'][:80]}")
+        else:
+            print(f"{r['variant']:20s} {r['ms_per_step']:8.2f} {r['samples_per_s']:10.0f} {r['tflops']:8.1f} "
+                  f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
