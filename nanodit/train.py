@@ -241,7 +241,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
                 bar.close()
             return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
         if validate_hook is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
-            validate_hook(run_dir, model, ema, manifest, loader, step, metrics)
+            _safe_validate(validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics)
             t_last = time.perf_counter()
 
     # ---- teardown -----------------------------------------------------------------------------
@@ -259,7 +259,9 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if validate_hook is not None and cfg.val.at_end:
-        summary["report"] = validate_hook(run_dir, model, ema, manifest, loader, step, metrics, final=True)
+        summary["report"] = _safe_validate(
+            validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics, final=True
+        )
     metrics.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     say(f"done: {step} steps, loss {first_loss} -> {last_loss}")
@@ -267,6 +269,17 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     if summary.get("report"):
         say(f"report: {summary['report']['path']}  decision: {summary['report']['decision']}")
     return summary
+
+
+def _safe_validate(hook, say, *args, **kw) -> dict | None:
+    """Run validation; a failure there is reported and logged but never ends training or loses checkpoints."""
+    try:
+        return hook(*args, **kw)
+    except Exception as e:  # validation must not kill a long run: the checkpoint can be re-validated later
+        msg = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        say(f"validation failed at step {args[5]}: {msg} (re-run: python -m nanodit.validate --run {args[0]})")
+        args[6].log(args[5], {"validation_error": msg})
+        return None
 
 
 def _validation_hook(cfg: Config):
