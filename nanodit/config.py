@@ -46,7 +46,7 @@ class DataConfig:
     cache_dir: str = ".cache/nanodit"
     synth_samples: int = 100
     synth_seed: int = 0
-    synth_size: int = 64  # latent side of the square bucket (64 -> 512x512 images)
+    synth_size: int = 64  # latent side of the square bucket (64: the nano shape; images are 2x the latent)
     loader: str = "auto"  # auto | gpu-cache | dali | webdataset
     gpu_cache_fraction: float = 0.5  # auto picks gpu-cache when the data fits this share of free memory
     flip: bool = True  # horizontal flip with left<->right caption swap, p = 0.5
@@ -55,7 +55,10 @@ class DataConfig:
     t5_pad_multiple: int = 8  # pad T5 to the batch's longest caption rounded up to this
     t5_max_len: int | None = None  # None: from the manifest; longer captions are an error
     on_error: str = "raise"  # raise | skip: a sample that breaks the schema
-    num_workers: int = 2  # webdataset loader workers
+    num_workers: int = 2  # webdataset loader workers; DALI threads per bucket pipeline
+    prefetch: int = 4  # batches read ahead per webdataset worker / per DALI pipeline
+    rank: int | None = None  # this process's share of the data; None: torch.distributed's rank, else 0
+    world_size: int | None = None  # processes sharing the data; None: torch.distributed's world size, else 1
 
 
 @dataclass
@@ -105,6 +108,7 @@ class ValConfig:
     max_lpips: float = 0.2
     min_dino_swap: float = 0.6  # pass-rate thresholds
     min_text_manip: float = 0.6
+    min_recon: float = 0.6  # shapes data: scorer-read reconstruction pass rate (objects + lighting)
 
 
 @dataclass
@@ -214,9 +218,9 @@ def check(cfg: Config) -> Config:
     heads = m.heads or SIZES[m.size]["heads"]
     if width % heads:
         raise ConfigError(f"config: model.width={width} is not divisible by model.heads={heads}")
-    if cfg.data.synth_size % (2 * m.patch):
+    if cfg.data.synth_size % (2 * m.patch) or cfg.data.synth_size < 16:
         raise ConfigError(
-            f"config: data.synth_size={cfg.data.synth_size} must be a multiple of 2*model.patch"
+            f"config: data.synth_size={cfg.data.synth_size} must be >= 16 and a multiple of 2*model.patch"
         )
     if t.resume not in ("none", "auto") and not Path(t.resume).is_file():
         raise ConfigError(f"config: train.resume={t.resume!r} is neither none, auto nor a checkpoint file")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from nanodit.data.shards import FORBIDDEN_EXT, REQUIRED, ShardError, load_manifest, shard_paths
 
@@ -171,14 +172,12 @@ def _npy_header(fd: int, off: int, size: int, at: str) -> tuple[np.dtype, tuple[
     head = _pread(fd, off, min(size, _HEAD))
     try:
         f = io.BytesIO(head)
-        version = np.lib.format.read_magic(f)
+        version = npy_format.read_magic(f)
         if version != (1, 0) and len(head) < size:
             head = _pread(fd, off, min(size, 1 << 16))
             f = io.BytesIO(head)
-            np.lib.format.read_magic(f)
-        read = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
+            npy_format.read_magic(f)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
         shape, fortran, dtype = read(f)
         hdr = f.tell()
     except Exception as e:
