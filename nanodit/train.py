@@ -120,7 +120,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     manifest, loader = build_loader(cfg, device)
     say(
         f"data: {loader.root} ({manifest['count']} samples, buckets {', '.join(manifest['buckets'])}, "
-        f"{loader.batches_per_epoch} batches/epoch)"
+        f"{loader.batches_per_epoch} batches/epoch), loader {loader.name} ({loader.reason})"
     )
 
     # ---- model and objective ------------------------------------------------------------------
@@ -165,7 +165,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         torch.cuda.reset_peak_memory_stats(device)
     loss_acc = torch.zeros((), device=device)
     bins_acc = torch.zeros(2, t.loss_bins, device=device)
-    n_acc, t_last, first_loss, last_loss = 0, time.perf_counter(), None, None
+    n_acc, t_last, first_loss, last_loss, wait_acc = 0, time.perf_counter(), None, None, 0.0
 
     def checkpoint(at: int) -> Path:
         state = {
@@ -181,7 +181,9 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         return save_checkpoint(run_dir, at, state, keep=t.keep_checkpoints)
 
     while step < t.steps:
+        t_wait = time.perf_counter()
         batch = next(loader)
+        wait_acc += time.perf_counter() - t_wait  # host time waiting for data (async copies excluded)
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
         for g in optim.param_groups:
             g["lr"] = lr
@@ -217,6 +219,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
                 "samples_per_s": n_acc / (now - t_last),
                 "ms_per_step": 1000 * (now - t_last) / n_steps,
                 "epoch": loader.state_dict()["epoch"],
+                "data_wait_frac": wait_acc / (now - t_last),
             }
             if gnorm is not None:
                 row["grad_norm"] = float(gnorm)
@@ -229,7 +232,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
             loss_acc.zero_()
             bins_acc.zero_()
-            n_acc, t_last = 0, time.perf_counter()
+            n_acc, t_last, wait_acc = 0, time.perf_counter(), 0.0
         if bar is not None:
             bar.update(1)
         if step % t.ckpt_every == 0 and step < t.steps:
@@ -237,6 +240,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         if stop_after is not None and step >= stop_after:
             checkpoint(step)
             metrics.close()
+            loader.close()
             if bar is not None:
                 bar.close()
             return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
@@ -263,6 +267,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics, final=True
         )
     metrics.close()
+    loader.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     say(f"done: {step} steps, loss {first_loss} -> {last_loss}")
     say(f"run folder: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
@@ -277,7 +282,9 @@ def _safe_validate(hook, say, *args, **kw) -> dict | None:
         return hook(*args, **kw)
     except Exception as e:  # validation must not kill a long run: the checkpoint can be re-validated later
         msg = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        say(f"validation failed at step {args[5]}: {msg} (re-run: python -m nanodit.validate --run {args[0]})")
+        say(
+            f"validation failed at step {args[5]}: {msg} (re-run: python -m nanodit.validate --run {args[0]})"
+        )
         args[6].log(args[5], {"validation_error": msg})
         return None
 
