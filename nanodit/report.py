@@ -1,0 +1,387 @@
+"""The validation report: scores.json, PNG grids with captions, the loss curve, report.md and a
+self-contained report.html (images embedded as base64), and the same numbers and grids in TensorBoard.
+
+    write_report(out_dir, result, images)   # result: validate.run_validation's dict; images: grid rows per test
+
+The Markdown and the HTML are rendered from one list of blocks, so they always hold the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+CELL = 192  # longest image side in a grid cell, px
+PAD = 6
+GRID_FILES = {"recon": "recon.png", "dino_swap": "dino_swap.png", "text_manip": "text_manip.png"}
+GRID_HEADERS = {
+    "recon": ["original", "reconstruction (own DINO + caption)"],
+    "dino_swap": ["A (its caption is used)", "B (its DINO is used)", "output: text of A + DINO of B"],
+    "text_manip": ["original", "output: DINO of A + swapped caption"],
+}
+TITLES = {"recon": "Reconstruction", "dino_swap": "DINO swap", "text_manip": "Text manipulation"}
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def clean(obj):
+    """JSON-safe copy: numpy scalars to Python, non-finite floats to None (strict JSON has no NaN/Infinity)."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# grids
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(3|4, H, W) in [0, 1] -> (H, W, 3) uint8 (the shapes codec's mask channel is dropped)."""
+    a = img[:3].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    return (a * 255 + 0.5).astype(np.uint8)
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def grid(
+    rows: list[list[tuple[torch.Tensor | None, str]]], headers: list[str], cell: int = CELL
+) -> Image.Image:
+    """A grid: one row per test case, one column per image, each caption written under its image."""
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font.getbbox("Ag")[3]) + 3
+    ncol = max(len(r) for r in rows)
+    wrapped = [[_wrap(probe, cap, font, cell) for _, cap in r] for r in rows]
+    cap_h = [max(len(c) for c in w) * line_h for w in wrapped]
+    head_h = max(len(_wrap(probe, h, font, cell)) for h in headers) * line_h + PAD
+    W = ncol * (cell + PAD) + PAD
+    H = head_h + sum(cell + c + 2 * PAD for c in cap_h) + PAD
+    canvas = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, h in enumerate(headers):
+        for k, line in enumerate(_wrap(probe, h, font, cell)):
+            draw.text((PAD + j * (cell + PAD), PAD // 2 + k * line_h), line, fill="black", font=font)
+    y = head_h
+    for r, row in enumerate(rows):
+        for j, (img, _) in enumerate(row):
+            x = PAD + j * (cell + PAD)
+            if img is None:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(200, 200, 200))
+            else:
+                im = Image.fromarray(to_uint8(img))
+                s = cell / max(im.size)
+                im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.NEAREST)
+                canvas.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+            for k, line in enumerate(wrapped[r][j]):
+                draw.text((x, y + cell + PAD // 2 + k * line_h), line, fill="black", font=font)
+        y += cell + cap_h[r] + 2 * PAD
+    return canvas
+
+
+def loss_curve(points: list[list[float]], path: Path, result: dict) -> bool:
+    """Training loss vs step (log scale) with the initial and final windows of the criterion; False when
+    there is nothing to draw."""
+    if not points:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    steps, losses = zip(*points)
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, lw=1, label="training loss")
+    c = result.get("criteria", {}).get("loss_ratio", {})
+    if c.get("computed"):
+        ax.axhline(c["initial"], color="gray", ls="--", lw=1, label=f"initial {c['initial']:.4g}")
+        ax.axhline(c["final"], color="green", ls="--", lw=1, label=f"final {c['final']:.4g}")
+        ax.axhline(c["initial"] * c["threshold"], color="red", ls=":", lw=1, label="GO needs final below")
+    if min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the report: blocks rendered to Markdown and HTML
+
+
+def _num(v, nd: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def _criteria_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for c in result["criteria"].values():
+        verdict = "not computed" if not c["computed"] else ("pass" if c["pass"] else "**FAIL**")
+        note = "" if c["computed"] else f"{c['why']} — how to provide: {c['how to provide']}"
+        if c["name"] == "loss_ratio" and c["computed"]:
+            note = f"initial {c['initial']:.4g}, final {c['final']:.4g} (window {c['window']} of {c['points']} points)"
+        rows.append(
+            [
+                c["name"],
+                _num(c["value"]),
+                f"{c['op']} {c['threshold']:g}",
+                verdict,
+                c["description"] + (f"; {note}" if note else ""),
+            ]
+        )
+    return rows
+
+
+def _case_rows(result: dict, test: str) -> list[list[str]]:
+    rows = []
+    for r in result["cases"]:
+        if r["test"] != test:
+            continue
+        if test == "recon":
+            rows.append(
+                [
+                    r["a"],
+                    r["caption"],
+                    _num(r.get("psnr")),
+                    _num(r.get("ssim")),
+                    _num(r.get("lpips")),
+                    _num(r.get("latent_mse")),
+                    _num(r.get("scorer_pass")),
+                ]
+            )
+        elif test == "dino_swap":
+            rows.append([r["a"], r["b"], r["a_caption"], _num(r.get("passed")), r.get("detail", "")])
+        else:
+            rows.append([r["a"], r["caption"], _num(r.get("passed")), r.get("detail", "")])
+    return rows
+
+
+CASE_HEADERS = {
+    "recon": ["sample", "caption", "PSNR dB", "SSIM", "LPIPS", "latent MSE", "scorer pass"],
+    "dino_swap": ["A", "B", "caption of A", "pass", "detail"],
+    "text_manip": ["sample", "swapped caption", "pass", "detail"],
+}
+
+
+def blocks(result: dict, files: dict[str, str], history: list[dict] | None, final: bool) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, alt)."""
+    s = result["sampling"]
+    title = "Final report" if final else f"Validation at step {result['step']}"
+    out: list[tuple] = [("h1", f"{title}: {result['decision']}")]
+    failed = ", ".join(result["failed"]) or "none"
+    missing = ", ".join(result["not_computed"]) or "none"
+    out.append(
+        (
+            "p",
+            f"Decision **{result['decision']}** at step {result['step']} ({result['data']} data). Failed: {failed}. Not computed: {missing}.",
+        )
+    )
+    out.append(("p", "GO needs every criterion computed and passing."))
+    out.append(
+        ("table", ["criterion", "value", "threshold", "verdict", "what / why"], _criteria_rows(result))
+    )
+    out.append(("h2", "Numbers"))
+    out.append(("table", ["number", "value"], [[k, _num(v)] for k, v in result["numbers"].items()]))
+    out.append(
+        (
+            "p",
+            f"Sampling: EMA weights, {s['steps']} Euler steps, guidance DINO {s['guidance_dino']:g} / text {s['guidance_text']:g}, "
+            f"seed {s['seed']}, {s['samples_per_test']} samples per test, {s['sampler_calls']} sampler call(s), "
+            f"precision {s['precision']}, {s['device']}: {s['seconds']:.2f} s sampling, {result['seconds']:.2f} s in all.",
+        )
+    )
+    dec = result["decoder"]
+    if "why" in dec:
+        out.append(("p", f"Images cannot be decoded: {dec['why']}. How to provide: {dec['how']}."))
+    else:
+        out.append(("p", "Decoder: " + ", ".join(f"{k} {v}" for k, v in dec.items())))
+    lp = result["lpips"]
+    if "why" in lp:
+        out.append(("p", f"LPIPS not computed: {lp['why']}. How to provide: {lp['how']}."))
+    else:
+        out.append(("p", f"LPIPS: net {lp['net']}, backbone {lp['backbone']} ({lp['source']})."))
+    if history:
+        out.append(("h2", "History"))
+        names = list(result["criteria"])
+        rows = [[str(h["step"]), h["decision"]] + [_num(h["values"].get(n)) for n in names] for h in history]
+        out.append(("table", ["step", "decision"] + names, rows))
+    if "loss" in files:
+        out.append(("h2", "Training loss"))
+        out.append(("img", files["loss"], "training loss"))
+    for test in ("recon", "dino_swap", "text_manip"):
+        out.append(("h2", TITLES[test]))
+        if test in files:
+            out.append(("img", files[test], TITLES[test]))
+        out.append(("table", CASE_HEADERS[test], _case_rows(result, test)))
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(bl: list[tuple]) -> str:
+    lines = []
+    for b in bl:
+        if b[0] == "h1":
+            lines += [f"# {b[1]}", ""]
+        elif b[0] == "h2":
+            lines += [f"## {b[1]}", ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "img":
+            lines += [f"![{b[2]}]({b[1]})", ""]
+        elif b[0] == "table":
+            lines.append("| " + " | ".join(_md_cell(h) for h in b[1]) + " |")
+            lines.append("|" + "---|" * len(b[1]))
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b[2]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _html_text(text: str) -> str:
+    parts = html.escape(str(text)).split("**")  # **bold** -> <b>bold</b>
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(bl: list[tuple], folder: Path) -> str:
+    """Self-contained HTML: every image is embedded as a base64 data URI, no external file or script."""
+    body = []
+    for b in bl:
+        if b[0] in ("h1", "h2"):
+            body.append(f"<{b[0]}>{_html_text(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{_html_text(b[1])}</p>")
+        elif b[0] == "img":
+            data = base64.b64encode((folder / b[1]).read_bytes()).decode("ascii")
+            body.append(f'<p><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></p>')
+        elif b[0] == "table":
+            head = "".join(f"<th>{_html_text(h)}</th>" for h in b[1])
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b[2]
+            )
+            body.append(f"<table><tr>{head}</tr>{rows}</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+        "vertical-align:top}img{max-width:100%}"
+    )
+    title = html.escape(bl[0][1]) if bl else "report"
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>'
+        f"<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def write_report(
+    out_dir: str | Path,
+    result: dict,
+    images: dict[str, list] | None,
+    history: list[dict] | None = None,
+    final: bool = False,
+) -> Path:
+    """Write scores.json, the grids (when ``images``; else existing PNGs in the folder are reused), loss.png,
+    report.md and report.html into ``out_dir``. Returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(json.dumps(clean(result), indent=2, allow_nan=False))
+    files: dict[str, str] = {}
+    for test, name in GRID_FILES.items():
+        if images is not None and images.get(test):
+            grid(images[test], GRID_HEADERS[test]).save(out / name)
+        if (out / name).is_file():
+            files[test] = name
+    if loss_curve(result.get("loss_curve", []), out / "loss.png", result):
+        files["loss"] = "loss.png"
+    bl = blocks(result, files, history, final)
+    (out / "report.md").write_text(to_markdown(bl))
+    (out / "report.html").write_text(to_html(bl, out))
+    return out
+
+
+def history(val_dir: Path) -> list[dict]:
+    """Decision and criterion values of every ``step-*/scores.json`` under ``val_dir``, by step."""
+    rows = []
+    for p in sorted(Path(val_dir).glob("step-*/scores.json")):
+        try:
+            s = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows.append(
+            {
+                "step": s["step"],
+                "decision": s["decision"],
+                "values": {k: c["value"] for k, c in s["criteria"].items()},
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard (through the trainer's MetricsLogger)
+
+
+def log_metrics(metrics, step: int, result: dict, out_dir: Path) -> None:
+    """Scores as ``val/*`` scalars (metrics.jsonl and TensorBoard), grids as images, the decision as text."""
+    row = {
+        f"val/{k}": v for k, v in result["numbers"].items() if isinstance(v, (int, float)) and v is not None
+    }
+    for name, c in result["criteria"].items():
+        if c["computed"]:
+            row[f"val/{name}"] = c["value"]
+    row["val/go"] = 1.0 if result["decision"] == "GO" else 0.0
+    metrics.log(step, row)
+    tb = getattr(metrics, "tb", None)
+    if tb is None:
+        return
+    for test, name in GRID_FILES.items():
+        if (out_dir / name).is_file():
+            tb.add_image(
+                f"val/{test}", np.asarray(Image.open(out_dir / name).convert("RGB")), step, dataformats="HWC"
+            )
+    tb.add_text("val/decision", to_markdown(blocks(result, {}, None, False)[:4]), step)
+    tb.flush()

@@ -1,0 +1,226 @@
+"""Numbers for the GO / NO-GO decision: image metrics, LPIPS loading, the loss criterion, the decision.
+
+Everything here is a pure function of its inputs (no model, no files except the LPIPS backbone), so the
+decision logic is testable on its own:
+
+    crit = [criterion("lpips", 0.12, 0.2, "<", "reconstruction LPIPS"), not_computed("dino_swap", ...)]
+    decide(crit)   # {"decision": "NO-GO", "failed": [], "not_computed": ["dino_swap"]}
+
+Images are (B, 3, H, W) float tensors in [0, 1]. A criterion is a plain dict (it goes to scores.json as is):
+name, description, value, threshold, op ("<" or ">="), computed, pass, and for a criterion that cannot be
+computed "why" and "how to provide".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PSNR_CAP_DB = 100.0  # identical images: the MSE floor 1e-10 caps PSNR here instead of infinity
+
+# ---------------------------------------------------------------------------------------------
+# image metrics
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1]: 10 log10(1 / MSE), capped at PSNR_CAP_DB."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return [float(10 * math.log10(1.0 / max(m, 1e-10))) for m in mse.tolist()]
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per-image SSIM (scikit-image: 7x7 uniform window, or the largest odd one that fits; channels averaged)."""
+    from skimage.metrics import structural_similarity
+
+    out = []
+    for a, b in zip(x.float().cpu().numpy(), y.float().cpu().numpy()):  # (C, H, W) each
+        win = min(7, min(a.shape[1:]) - (1 - min(a.shape[1:]) % 2))  # odd, <= the image side
+        out.append(float(structural_similarity(a, b, channel_axis=0, data_range=1.0, win_size=win)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS: the package ships its linear heads; the ImageNet backbone must be local
+
+# torchvision's file names for the backbones (their checksum suffix is part of the name)
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+def lpips_backbone_path(net: str, weights: str | None) -> tuple[Path | None, str]:
+    """The backbone weights file to use and where it came from ("val.lpips_weights" or "torchvision cache")."""
+    if weights:
+        return Path(weights), "val.lpips_weights"
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+    return (cache, "torchvision cache") if cache.is_file() else (None, "")
+
+
+def lpips_how_to(net: str) -> str:
+    name = LPIPS_BACKBONE_FILES[net]
+    return (
+        f"put torchvision's ImageNet {net} weights ({name}, from https://download.pytorch.org/models/{name}) "
+        f"into {Path(torch.hub.get_dir()) / 'checkpoints'} or pass val.lpips_weights=/path/to/{name}"
+    )
+
+
+def load_lpips(net: str, weights: str | None, device: torch.device) -> tuple[torch.nn.Module | None, dict]:
+    """An LPIPS module with the package's linear heads and a LOCAL ImageNet backbone, never downloaded.
+
+    Returns (module, info); module is None when the backbone weights are missing or unreadable, and info
+    then says why and how to provide them. ``weights`` is a torchvision state dict of the backbone
+    (keys ``features.<i>.*``) or of the LPIPS trunk itself (``slice<k>.<i>.*``).
+    """
+    path, source = lpips_backbone_path(net, weights)
+    info = {"net": net, "backbone": str(path) if path else None, "source": source}
+    if path is None:
+        return None, {
+            **info,
+            "why": f"the LPIPS {net} backbone weights are not on this machine",
+            "how": lpips_how_to(net),
+        }
+    if not path.is_file():
+        return None, {**info, "why": f"val.lpips_weights={weights}: no such file", "how": lpips_how_to(net)}
+    try:
+        import lpips
+    except ImportError:
+        return None, {
+            **info,
+            "why": "the lpips package is not installed",
+            "how": "pip install 'nanodit[validation]'",
+        }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notes inside lpips
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # heads from the package, trunk random
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        trunk = model.net.state_dict()
+        # the lpips trunk names torchvision's features.<i> as slice<k>.<i>
+        by_index = {k.split(".", 1)[1]: k for k in trunk}  # "<i>.weight" -> "slice<k>.<i>.weight"
+        mapped = {}
+        for k, v in state.items():
+            if k.startswith("features."):
+                mapped[by_index.get(k[len("features.") :], k)] = v
+            elif k.startswith("slice"):
+                mapped[k] = v
+        missing = sorted(set(trunk) - set(mapped))
+        if missing:
+            raise ValueError(f"no tensor for {missing[0]} (is it the {net} backbone?)")
+        model.net.load_state_dict({k: mapped[k] for k in trunk})
+    except Exception as e:
+        why = f"{path} ({source}) cannot be loaded as the {net} backbone: {str(e).splitlines()[0]}"
+        return None, {**info, "why": why, "how": lpips_how_to(net)}
+    return model.to(device).eval(), info
+
+
+LPIPS_MIN_SIDE = 64  # AlexNet's strides need >= ~32 px; smaller images are upsampled to this side first
+
+
+@torch.no_grad()
+def lpips_distance(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 16) -> list[float]:
+    """Per-image LPIPS of (B, 3, H, W) images in [0, 1] (the package wants [-1, 1]). Images whose shorter
+    side is below LPIPS_MIN_SIDE (tiny test renders) are upsampled bilinearly first, both the same way."""
+    dev = next(model.parameters()).device
+    side = min(x.shape[-2:])
+    size = None if side >= LPIPS_MIN_SIDE else [math.ceil(s * LPIPS_MIN_SIDE / side) for s in x.shape[-2:]]
+    out = []
+    for i in range(0, x.shape[0], batch):
+        a = x[i : i + batch].to(dev).float() * 2 - 1  # (b, 3, H, W)
+        b = y[i : i + batch].to(dev).float() * 2 - 1
+        if size is not None:
+            a = torch.nn.functional.interpolate(a, size=size, mode="bilinear", align_corners=False)
+            b = torch.nn.functional.interpolate(b, size=size, mode="bilinear", align_corners=False)
+        out += model(a, b).flatten().tolist()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the training-loss criterion
+
+
+def read_loss_log(path: str | Path) -> list[tuple[int, float]]:
+    """(step, loss) of the rows of ``metrics.jsonl`` that hold a training loss, by step (a resumed run's
+    repeated steps keep their last value); unreadable lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_step: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)) and "step" in row:
+            by_step[int(row["step"])] = float(row["loss"])
+    return sorted(by_step.items())
+
+
+def loss_ratio(losses: list[float], window: int) -> dict:
+    """Final / initial training loss, each the mean of ``window`` logged points (fewer when the log is
+    shorter than 2 windows: then each half of the log). Needs at least 2 finite points."""
+    finite = [v for v in losses if math.isfinite(v)]
+    if len(finite) < 2:
+        return {"value": None, "points": len(finite)}
+    w = max(1, min(window, len(finite) // 2))
+    initial, final = float(np.mean(finite[:w])), float(np.mean(finite[-w:]))
+    value = final / initial if initial > 0 else None
+    return {"value": value, "initial": initial, "final": final, "window": w, "points": len(finite)}
+
+
+# ---------------------------------------------------------------------------------------------
+# criteria and the decision
+
+
+def criterion(name: str, value: float, threshold: float, op: str, description: str, **extra) -> dict:
+    """A computed criterion: passes when ``value op threshold`` (op is "<" or ">=")."""
+    if op not in ("<", ">="):
+        raise ValueError(f"criterion {name}: op={op!r} is not '<' or '>='")
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"criterion {name}: value={value!r} is not a finite number (use not_computed)")
+    ok = value < threshold if op == "<" else value >= threshold
+    return {
+        "name": name,
+        "description": description,
+        "value": float(value),
+        "threshold": float(threshold),
+        "op": op,
+        "computed": True,
+        "pass": bool(ok),
+        **extra,
+    }
+
+
+def not_computed(name: str, threshold: float, op: str, description: str, why: str, how: str, **extra) -> dict:
+    """A criterion that could not be computed: no value, no pass; it says why and how to provide what is missing."""
+    return {
+        "name": name,
+        "description": description,
+        "value": None,
+        "threshold": float(threshold),
+        "op": op,
+        "computed": False,
+        "pass": None,
+        "why": why,
+        "how to provide": how,
+        **extra,
+    }
+
+
+def decide(criteria: list[dict]) -> dict:
+    """GO only if there is at least one criterion and every criterion is computed and passes."""
+    failed = [c["name"] for c in criteria if c["computed"] and not c["pass"]]
+    missing = [c["name"] for c in criteria if not c["computed"]]
+    go = bool(criteria) and not failed and not missing
+    return {"decision": "GO" if go else "NO-GO", "failed": failed, "not_computed": missing}
+
+
+def rate(flags: list[bool]) -> float | None:
+    """Share of True in ``flags``; None for an empty list (nothing was tested)."""
+    return sum(bool(f) for f in flags) / len(flags) if flags else None

@@ -1,0 +1,181 @@
+"""The report files: scores.json with the decision and every criterion, PNG grids with captions under the
+images, report.md, a self-contained report.html (images embedded, nothing fetched), the history of a
+run's validations, and the scalars/images/text that go to TensorBoard."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nanodit import report, scores
+
+
+def fake_result(step: int = 100, lpips_value: float | None = 0.1) -> dict:
+    crit = [
+        scores.criterion("loss_ratio", 0.05, 0.1, "<", "loss", initial=2.0, final=0.1, window=3, points=20),
+        scores.criterion("dino_swap", 0.4, 0.6, ">=", "swap rate"),
+        scores.criterion("text_manip", 0.8, 0.6, ">=", "manip rate"),
+    ]
+    if lpips_value is None:
+        crit.insert(
+            1,
+            scores.not_computed("lpips", 0.2, "<", "LPIPS", why="no backbone here", how="put the file there"),
+        )
+    else:
+        crit.insert(1, scores.criterion("lpips", lpips_value, 0.2, "<", "LPIPS"))
+    return {
+        **scores.decide(crit),
+        "step": step,
+        "data": "shapes",
+        "criteria": {c["name"]: c for c in crit},
+        "numbers": {"psnr": 21.5, "ssim": 0.8, "lpips": lpips_value, "light_err": float("nan")},
+        "cases": [
+            {
+                "test": "recon",
+                "a": "s1",
+                "caption": "a red | circle on the left",
+                "a_caption": "x",
+                "psnr": 21.5,
+            },
+            {
+                "test": "dino_swap",
+                "a": "s1",
+                "b": "s2",
+                "caption": "c",
+                "a_caption": "c",
+                "passed": False,
+                "detail": "(no)",
+            },
+            {
+                "test": "text_manip",
+                "a": "s1",
+                "caption": "on the right",
+                "a_caption": "on the left",
+                "passed": True,
+            },
+        ],
+        "decoder": {"kind": "shapes codec"},
+        "lpips": {"why": "no backbone here", "how": "put the file there"}
+        if lpips_value is None
+        else {"net": "alex", "backbone": "/x.pth", "source": "val.lpips_weights"},
+        "sampling": {
+            "steps": 4,
+            "guidance_dino": 1.0,
+            "guidance_text": 1.0,
+            "seed": 1,
+            "samples_per_test": 1,
+            "sampler_calls": 1,
+            "precision": "fp32",
+            "device": "cpu",
+            "seconds": 0.5,
+        },
+        "loss_curve": [[10 * i, 2.0 / i] for i in range(1, 21)],
+        "seconds": 1.0,
+    }
+
+
+def solid(rgb, h=12, w=20) -> torch.Tensor:
+    return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, h, w).clone()  # (3, H, W)
+
+
+def images() -> dict:
+    red, blue, green = solid([1, 0, 0]), solid([0, 0, 1]), solid([0, 1, 0])
+    return {
+        "recon": [[(red, "original caption"), (blue, "PSNR 1")]],
+        "dino_swap": [[(red, "A"), (blue, "B"), (green, "swap")]],
+        "text_manip": [[(red, "orig"), (green, "swapped")]],
+    }
+
+
+def test_report_files(tmp_path) -> None:
+    res = fake_result(lpips_value=None)
+    out = report.write_report(tmp_path / "r", res, images())
+    s = json.loads((out / "scores.json").read_text())  # strict JSON: NaN became null
+    assert s["decision"] == "NO-GO" and s["failed"] == ["dino_swap"] and s["not_computed"] == ["lpips"]
+    assert s["numbers"]["light_err"] is None
+    for c in s["criteria"].values():
+        assert {"value", "threshold", "pass"} <= set(c)
+    assert s["criteria"]["lpips"]["why"] == "no backbone here" and s["criteria"]["lpips"]["how to provide"]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["dino_swap.png", "loss.png", "recon.png", "text_manip.png"]
+    for p in out.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "NO-GO" in md and "no backbone here" in md and "put the file there" in md
+    for name in ("loss_ratio", "lpips", "dino_swap", "text_manip"):
+        assert f"| {name} |" in md
+    assert "red \\| circle" in md  # a caption's pipe does not break the table
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<script" not in page and "<link" not in page and "href=" not in page
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert embedded == {p.read_bytes() for p in out.glob("*.png")}
+
+
+def test_grid_puts_each_caption_under_its_image() -> None:
+    rows = images()["dino_swap"]
+    g = np.asarray(report.grid(rows, ["a", "b", "c"]))  # (H, W, 3)
+    C, P = report.CELL, report.PAD
+    assert g.shape[1] == 3 * (C + P) + P
+    # the image cells hold the (upscaled, centred) images: a 12x20 image becomes 115x192 in its cell
+    top = next(y for y in range(g.shape[0]) if tuple(g[y, P + C // 2]) == (255, 0, 0))
+    cell_top = top - (C - round(12 * C / 20)) // 2
+    assert cell_top > 0  # the headers come first
+    for j, rgb in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        assert tuple(g[top + 50, P + j * (C + P) + C // 2]) == rgb
+    # under each image's cell there is dark text (its caption)
+    band = g[cell_top + C : cell_top + C + 20]  # (20, W, 3)
+    for j in range(3):
+        assert (band[:, P + j * (C + P) : P + j * (C + P) + C].astype(int).sum(axis=2) < 200).any(), j
+    longer = [[(img, cap + " and much more text " * 6) for img, cap in rows[0]]]
+    assert report.grid(longer, ["a", "b", "c"]).height > g.shape[0]
+
+
+def test_history_and_final_report(tmp_path) -> None:
+    for step, lp in ((100, 0.5), (200, 0.1)):
+        report.write_report(tmp_path / "validation" / f"step-{step:08d}", fake_result(step, lp), images())
+    hist = report.history(tmp_path / "validation")
+    assert [h["step"] for h in hist] == [100, 200]
+    assert hist[0]["values"]["lpips"] == 0.5 and hist[1]["decision"] == "NO-GO"
+    out = report.write_report(tmp_path / "report", fake_result(200, 0.1), images(), history=hist, final=True)
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Final report: NO-GO") and "## History" in md and "| 100 | NO-GO |" in md
+
+
+def test_log_metrics_scalars_images_and_text(tmp_path) -> None:
+    class TB:
+        def __init__(self):
+            self.images, self.texts = {}, {}
+
+        def add_image(self, tag, img, step, dataformats):
+            self.images[tag] = (img.shape, step, dataformats)
+
+        def add_text(self, tag, text, step):
+            self.texts[tag] = text
+
+        def flush(self):
+            pass
+
+    class Metrics:
+        def __init__(self):
+            self.rows, self.tb = [], TB()
+
+        def log(self, step, row):
+            self.rows.append((step, row))
+
+    res = fake_result(100, 0.1)
+    out = report.write_report(tmp_path, res, images())
+    m = Metrics()
+    report.log_metrics(m, 100, res, out)
+    step, row = m.rows[0]
+    assert step == 100 and row["val/lpips"] == 0.1 and row["val/dino_swap"] == 0.4 and row["val/go"] == 0.0
+    assert set(m.tb.images) == {"val/recon", "val/dino_swap", "val/text_manip"}
+    shape, _, fmt = m.tb.images["val/recon"]
+    assert fmt == "HWC" and shape == np.asarray(Image.open(out / "recon.png").convert("RGB")).shape
+    assert "NO-GO" in m.tb.texts["val/decision"]

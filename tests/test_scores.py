@@ -1,0 +1,150 @@
+"""Scores and the decision: image metrics against their formulas, LPIPS loading without a network,
+the smoothed loss criterion, and GO only when every criterion is computed and passes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nanodit import scores
+
+
+def test_psnr_matches_formula_and_caps_identical() -> None:
+    """PSNR = 10 log10(1 / MSE) per image; identical images give the documented cap, not infinity."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g)
+    y = (x + 0.1 * torch.randn(3, 3, 8, 8, generator=g)).clamp(0, 1)
+    want = [10 * math.log10(1 / float(((a - b) ** 2).mean())) for a, b in zip(x, y)]
+    assert scores.psnr(x, y) == pytest.approx(want, rel=1e-5)
+    assert scores.psnr(x, x) == [scores.PSNR_CAP_DB] * 3
+
+
+def test_ssim_identical_one_and_noise_lower() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 24, 40, generator=g)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert scores.ssim(x, x) == pytest.approx([1.0, 1.0])
+    s = scores.ssim(x, noisy)
+    assert all(v < 0.9 for v in s)
+    tiny = torch.rand(1, 3, 6, 6, generator=g)  # smaller than the 7x7 window: a smaller odd window
+    assert scores.ssim(tiny, tiny) == pytest.approx([1.0])
+
+
+def test_read_loss_log_keeps_loss_rows_and_last_value_per_step(tmp_path) -> None:
+    """Validation rows (no "loss") and broken lines are skipped; a resumed run's repeated step keeps the last value."""
+    rows = [
+        {"step": 10, "loss": 2.0},
+        {"step": 20, "loss": 1.0},
+        {"step": 20, "val/psnr": 12.0},
+        {"step": 20, "loss": 0.9},
+        {"step": 30, "loss": 0.5},
+    ]
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    assert scores.read_loss_log(p) == [(10, 2.0), (20, 0.9), (30, 0.5)]
+    assert scores.read_loss_log(tmp_path / "missing.jsonl") == []
+
+
+def test_loss_ratio_windows() -> None:
+    losses = [4.0, 2.0] + [1.0] * 6 + [0.2, 0.1]
+    r = scores.loss_ratio(losses, window=2)
+    assert r["initial"] == pytest.approx(3.0) and r["final"] == pytest.approx(0.15)
+    assert r["value"] == pytest.approx(0.05) and r["window"] == 2 and r["points"] == 10
+    short = scores.loss_ratio([2.0, 1.0, 0.5], window=50)  # shorter than 2 windows: half the log each
+    assert short["window"] == 1 and short["value"] == pytest.approx(0.25)
+    assert scores.loss_ratio([1.0], window=5)["value"] is None
+    assert scores.loss_ratio([float("nan"), 2.0, float("inf"), 1.0], 1)["value"] == pytest.approx(0.5)
+
+
+def test_criterion_pass_and_fail_at_the_threshold() -> None:
+    assert scores.criterion("lpips", 0.19, 0.2, "<", "d")["pass"] is True
+    assert scores.criterion("lpips", 0.2, 0.2, "<", "d")["pass"] is False  # strict
+    assert scores.criterion("rate", 0.6, 0.6, ">=", "d")["pass"] is True
+    assert scores.criterion("rate", 0.59, 0.6, ">=", "d")["pass"] is False
+    with pytest.raises(ValueError, match="op"):
+        scores.criterion("x", 1.0, 1.0, ">", "d")
+    with pytest.raises(ValueError, match="not_computed"):
+        scores.criterion("x", float("nan"), 1.0, "<", "d")
+
+
+def test_decide_go_only_when_all_computed_and_passing() -> None:
+    ok = [scores.criterion("a", 0.1, 0.2, "<", "d"), scores.criterion("b", 0.9, 0.6, ">=", "d")]
+    assert scores.decide(ok) == {"decision": "GO", "failed": [], "not_computed": []}
+    bad = ok + [scores.criterion("c", 0.5, 0.6, ">=", "d")]
+    assert scores.decide(bad) == {"decision": "NO-GO", "failed": ["c"], "not_computed": []}
+    nc = scores.not_computed("lpips", 0.2, "<", "d", why="no weights", how="provide them")
+    assert nc["value"] is None and nc["pass"] is None and nc["how to provide"] == "provide them"
+    assert scores.decide(ok + [nc]) == {"decision": "NO-GO", "failed": [], "not_computed": ["lpips"]}
+    assert scores.decide([])["decision"] == "NO-GO"
+    assert scores.rate([True, False, True, True]) == 0.75 and scores.rate([]) is None
+
+
+def test_lpips_not_computed_without_backbone_says_how(tmp_path, monkeypatch) -> None:
+    """No backbone in the torch hub cache and no val.lpips_weights: no module, a reason and how to provide it."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    model, info = scores.load_lpips("alex", None, torch.device("cpu"))
+    assert model is None
+    assert "not on this machine" in info["why"] and "alexnet-owt-7be5be79.pth" in info["how"]
+    model, info = scores.load_lpips("alex", str(tmp_path / "nope.pth"), torch.device("cpu"))
+    assert model is None and "no such file" in info["why"]
+    junk = tmp_path / "junk.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, junk)
+    model, info = scores.load_lpips("alex", str(junk), torch.device("cpu"))
+    assert model is None and "cannot be loaded" in info["why"]
+
+
+@functools.lru_cache(maxsize=1)
+def _alexnet_features() -> dict:
+    import torchvision
+
+    torch.manual_seed(0)
+    return {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+
+
+def alexnet_weights(path) -> str:
+    """Random AlexNet backbone tensors under torchvision's names (``features.<i>.*``, the part LPIPS uses):
+    they stand in for the ImageNet file, which cannot be downloaded here."""
+    torch.save(_alexnet_features(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("where", ["weights", "cache"])
+def test_lpips_loads_a_local_backbone(tmp_path, monkeypatch, where) -> None:
+    """The backbone comes from val.lpips_weights or the torch hub cache, and its tensors really are loaded."""
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    if where == "weights":
+        path = alexnet_weights(tmp_path / "alex.pth")
+        model, info = scores.load_lpips("alex", path, torch.device("cpu"))
+        assert info["source"] == "val.lpips_weights"
+    else:
+        (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+        path = alexnet_weights(tmp_path / "hub" / "checkpoints" / scores.LPIPS_BACKBONE_FILES["alex"])
+        model, info = scores.load_lpips("alex", None, torch.device("cpu"))
+        assert info["source"] == "torchvision cache"
+    assert model is not None, info
+    ref = torch.load(path, weights_only=True)
+    trunk = model.net.state_dict()
+    assert torch.equal(trunk["slice1.0.weight"], ref["features.0.weight"])
+    assert torch.equal(trunk["slice5.10.weight"], ref["features.10.weight"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 40, generator=g)  # smaller than AlexNet can take: upsampled inside
+    y = torch.rand(2, 3, 24, 40, generator=g)
+    assert scores.lpips_distance(model, x, x) == pytest.approx([0.0, 0.0], abs=1e-6)
+    d = scores.lpips_distance(model, x, y)
+    assert all(v > 0 for v in d) and len(d) == 2
+    assert isinstance(torchvision.__version__, str)
+
+
+def test_scores_json_clean_has_no_nan() -> None:
+    from nanodit.report import clean
+
+    out = clean({"a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": (1, True)})
+    assert out == {"a": None, "b": [1.5, None], "c": [1, True]}
+    json.dumps(out, allow_nan=False)

@@ -1,0 +1,635 @@
+"""Validation: it must be able to say NO.
+
+Fast tests use an oracle "model" whose Euler path lands exactly on a chosen target (v = (x - target) / t),
+so the tests know the right answer: the intact oracle passes every test and reaches GO; an oracle that
+ignores the caption fails text manipulation, one with a constant DINO fails the DINO swap; an untrained
+NanoDiT fails reconstruction. Real-data paths run on random shards with a tiny random AutoencoderKL
+saved to and loaded from a tmp folder (nothing is downloaded). The hook and the CLI run on smoke runs.
+Mutations of a real NanoDiT (cross-attention output zeroed, DINO input constant) make its outputs blind to
+the caption / the DINO, and then it cannot pass both reconstruction and the matching test.
+
+A model trained far enough to pass the scorers needs a GPU: on this project's 2-core CPU a small model
+(4 layers, width 128) on 8 shapes samples learns the lighting in 1500 steps (90 s) but no object even after
+3000 steps (200 s). The GPU tests (marked gpu and slow) train one in about 2 minutes on an H200.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nanodit import validate
+from nanodit.config import load_config
+from nanodit.data.shards import ShardWriter, read_all
+from nanodit.data.synth import Scene, ShapesCodec, flip_scene, make_dataset, render
+from nanodit.scores import load_lpips
+from tests.test_scores import alexnet_weights
+
+
+def _key(a: torch.Tensor | np.ndarray) -> bytes:
+    return np.asarray(torch.as_tensor(a).detach().cpu().half().numpy()).tobytes()
+
+
+class Oracle(torch.nn.Module):
+    """A velocity model that knows the answer: its Euler path from any noise ends at ``target(dino, t5)``
+    (the straight path x_t = (1 - t) target + t eps has v = (x_t - target) / t). Records batch sizes."""
+
+    def __init__(self, target_fn):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+        self.target_fn = target_fn
+        self.batches: list[int] = []
+
+    def forward(self, x, t, dino, t5, t5_mask, drop_dino=None, drop_text=None):
+        self.batches.append(x.shape[0])
+        targets = []
+        for i in range(x.shape[0]):
+            t5_i = t5[i, : int(t5_mask[i].sum())]  # (L, Dt) valid prefix
+            targets.append(self.target_fn(_key(dino[i]), _key(t5_i), tuple(x.shape[1:])))
+        target = torch.stack(targets).to(x)  # (B, C, h, w)
+        return (x - target) / t.view(-1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shapes world
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_dataset(str(root), samples=16, seed=0, size=16)
+    manifest, groups, _ = read_all(root)
+    return root, manifest, groups
+
+
+def shapes_oracle(groups, mode: str = "intact") -> Oracle:
+    """intact: lighting from the DINO, objects from the caption. const_dino: lighting of one fixed sample
+    whatever the DINO. ignore_text: the DINO's own sample's objects whatever the caption."""
+    light, objects, own = {}, {}, {}
+    fixed = None
+    codec = ShapesCodec()
+    for g in groups.values():
+        for s in g:
+            scene = Scene.from_json(s.meta["scene"])
+            fixed = fixed or scene
+            for sc, dino, t5 in ((scene, s.dino, s.t5), (flip_scene(scene), s.dino_flip, s.t5_flip)):
+                light[_key(dino)], objects[_key(t5)], own[_key(dino)] = sc, sc.objects, sc
+
+    def target(dino_key, t5_key, shape):
+        lit = fixed if mode == "const_dino" else light[dino_key]
+        objs = own[dino_key].objects if mode == "ignore_text" else objects[t5_key]
+        scene = dataclasses.replace(lit, objects=objs)
+        img = render(scene, 2 * shape[1], 2 * shape[2])  # (4, H, W)
+        return codec.encode(img[None])[0]  # (16, h, w)
+
+    return Oracle(target)
+
+
+def write_losses(run_dir, first: float = 2.0, last: float = 0.01, n: int = 20) -> None:
+    rows = [{"step": 10 * (i + 1), "loss": first + (last - first) * i / (n - 1)} for i in range(n)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def val_cfg(*overrides: str):
+    base = ["val.samples=4", "val.steps=4", "val.loss_window=3", "model.size=tiny"]
+    return load_config(None, base + list(overrides))
+
+
+def tools_with_lpips(manifest, tmp_path, vcfg):
+    dec, info = validate.load_decoder(manifest, vcfg, torch.device("cpu"))
+    lp, linfo = load_lpips("alex", alexnet_weights(tmp_path / "alex.pth"), torch.device("cpu"))
+    return validate.Tools(dec, info, lp, linfo)
+
+
+def run(model, manifest, groups, cfg, tmp_path, tools=None, step=100):
+    return validate.run_validation(
+        model, manifest, groups, cfg, tmp_path, step, tmp_path / "out", tools=tools
+    )
+
+
+def test_case_selection_is_deterministic_and_spread(shapes) -> None:
+    """n cases per test, spread over all buckets; swap pairs share a bucket and are telling pairs."""
+    _, manifest, groups = shapes
+    cases = validate.select_cases(groups, 4, True, seed=1234)
+    again = validate.select_cases({b: list(reversed(g)) for b, g in groups.items()}, 4, True, seed=1234)
+    assert [(c.test, c.a.id, c.b and c.b.id) for c in cases] == [
+        (c.test, c.a.id, c.b and c.b.id) for c in again
+    ]
+    for test in validate.TESTS:
+        sel = [c for c in cases if c.test == test]
+        assert len(sel) == 4 and len({c.bucket for c in sel}) == 4
+    for c in cases:
+        if c.test == "dino_swap":
+            assert c.b.bucket == c.a.bucket and c.b.id != c.a.id
+            sa, sb = Scene.from_json(c.a.meta["scene"]), Scene.from_json(c.b.meta["scene"])
+            assert abs((sa.light_deg - sb.light_deg + 180) % 360 - 180) >= 90
+            assert np.array_equal(c.dino, c.b.dino) and np.array_equal(c.t5, c.a.t5)
+        if c.test == "text_manip":
+            assert np.array_equal(c.t5, c.a.t5_flip) and c.caption == c.a.flip_txt
+    noise = [validate.case_noise(c.a, 1234) for c in cases if c.a.id == cases[0].a.id]
+    assert all(torch.equal(n, noise[0]) for n in noise)  # a sample's tests share their starting noise
+    assert not torch.equal(validate.case_noise(cases[0].a, 1), noise[0])
+
+
+def test_read_val_samples_reads_a_bounded_prefix_per_bucket(tmp_path) -> None:
+    """Validation reads at most max(4n, 32) samples per bucket, the first ones in shard order."""
+    from tests.fakedata import write_random_shards
+
+    write_random_shards(tmp_path, n=80)  # 40 per bucket, shards of 4
+    _, full, _ = read_all(tmp_path)
+    _, some = validate.read_val_samples(tmp_path, 1)
+    assert set(some) == set(full)
+    for b in full:
+        assert [s.id for s in some[b]] == [s.id for s in full[b][:32]]
+    _, more = validate.read_val_samples(tmp_path, 10)
+    assert all(len(g) == 40 for g in more.values())
+
+
+def test_intact_oracle_passes_everything_and_is_go(shapes, tmp_path) -> None:
+    """The ideal model: every scorer passes, LPIPS ~ 0, falling loss -> GO; one sampler call per bucket."""
+    _, manifest, groups = shapes
+    cfg = val_cfg()
+    write_losses(tmp_path)
+    oracle = shapes_oracle(groups)
+    res = run(oracle, manifest, groups, cfg, tmp_path, tools_with_lpips(manifest, tmp_path, cfg.val))
+    assert res["decision"] == "GO", res["criteria"]
+    assert res["failed"] == [] and res["not_computed"] == []
+    n = res["numbers"]
+    assert n["recon_scorer_rate"] == 1.0 and n["dino_swap_rate"] == 1.0 and n["text_manip_rate"] == 1.0
+    assert n["lpips"] < 1e-3 and n["psnr"] > 40
+    # 12 cases over 4 buckets: 4 sampler calls of 4 Euler steps, 3 cases each
+    assert oracle.batches == [3] * 16 and res["sampling"]["sampler_calls"] == 4
+
+
+def test_dual_guidance_batches_three_passes(shapes, tmp_path) -> None:
+    """With guidance scales != 1 every model call carries the 3 passes of all of a bucket's cases."""
+    _, manifest, groups = shapes
+    cfg = val_cfg("val.guidance_dino=2.0", "val.guidance_text=3.0")
+    oracle = shapes_oracle(groups)
+    res = run(oracle, manifest, groups, cfg, tmp_path)
+    assert oracle.batches == [9] * 16
+    assert res["numbers"]["dino_swap_rate"] == 1.0  # the oracle ignores the drops: guidance changes nothing
+
+
+def test_oracle_ignoring_the_caption_fails_text_manipulation(shapes, tmp_path) -> None:
+    _, manifest, groups = shapes
+    write_losses(tmp_path)
+    cfg = val_cfg()
+    res = run(
+        shapes_oracle(groups, "ignore_text"),
+        manifest,
+        groups,
+        cfg,
+        tmp_path,
+        tools_with_lpips(manifest, tmp_path, cfg.val),
+    )
+    assert res["numbers"]["text_manip_rate"] == 0.0
+    assert res["numbers"]["dino_swap_objects_follow_a"] == 0.0  # objects come from B's DINO now
+    assert res["numbers"]["recon_scorer_rate"] == 1.0  # reconstruction alone cannot tell
+    assert res["decision"] == "NO-GO" and {"text_manip", "dino_swap"} <= set(res["failed"])
+
+
+def test_oracle_with_constant_dino_fails_dino_swap(shapes, tmp_path) -> None:
+    _, manifest, groups = shapes
+    res = run(shapes_oracle(groups, "const_dino"), manifest, groups, val_cfg(), tmp_path)
+    n = res["numbers"]
+    assert n["dino_swap_lighting_follows_b"] <= 0.25 and n["dino_swap_rate"] <= 0.25
+    assert n["text_manip_rate"] == 1.0  # the caption still places the objects
+    assert "dino_swap" in res["failed"]
+
+
+def test_untrained_model_fails_reconstruction(shapes, tmp_path) -> None:
+    """A freshly initialised NanoDiT predicts v = 0: the samples stay noise and reconstruction fails."""
+    from nanodit.model import build_model
+
+    _, manifest, groups = shapes
+    write_losses(tmp_path)
+    cfg = val_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).eval()
+    res = run(model, manifest, groups, cfg, tmp_path)
+    c = res["criteria"]["recon_scorer"]
+    assert c["computed"] and c["value"] == 0.0 and c["pass"] is False
+    assert res["numbers"]["psnr"] < 15 and res["decision"] == "NO-GO"
+    assert res["criteria"]["lpips"]["computed"] is False  # no backbone here: said, not guessed
+    assert "val.lpips_weights" in res["criteria"]["lpips"]["how to provide"]
+
+
+def test_loss_criterion_from_the_run_log(shapes, tmp_path) -> None:
+    _, manifest, groups = shapes
+    oracle = shapes_oracle(groups)
+    res = run(oracle, manifest, groups, val_cfg(), tmp_path)
+    assert res["criteria"]["loss_ratio"]["computed"] is False  # no metrics.jsonl
+    write_losses(tmp_path, 2.0, 1.0)
+    res = run(oracle, manifest, groups, val_cfg(), tmp_path)
+    c = res["criteria"]["loss_ratio"]
+    assert c["computed"] and c["pass"] is False and 0.5 < c["value"] < 0.6
+    write_losses(tmp_path, 2.0, 0.05)
+    c = run(oracle, manifest, groups, val_cfg(), tmp_path)["criteria"]["loss_ratio"]
+    assert c["pass"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# real data: a tiny random VAE, random shards
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("real")
+    rng = np.random.default_rng(0)
+    w = ShardWriter(root / "shards", {"name": "real-test", "vae": {"scale": 0.5, "shift": 0.1}})
+    for i in range(8):
+        h, wd = [(8, 8), (6, 10)][i % 2]
+        L = int(rng.integers(3, 7))
+        w.write(
+            {
+                "__key__": f"r{i:03d}",
+                "latent": rng.standard_normal((16, h, wd)).astype(np.float16),
+                "latent_flip": rng.standard_normal((16, h, wd)).astype(np.float16),
+                "dino": rng.standard_normal(24).astype(np.float16),
+                "dino_flip": rng.standard_normal(24).astype(np.float16),
+                "t5": rng.standard_normal((L, 32)).astype(np.float16),
+                "t5_flip": rng.standard_normal((L, 32)).astype(np.float16),
+                "txt": f"thing {i} on the left",
+                "flip.txt": f"thing {i} on the right",
+                "json": {"bucket": [h, wd], "id": f"r{i:03d}"},
+            }
+        )
+    w.close()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(root / "vae")
+    manifest, groups, _ = read_all(root / "shards")
+    return root, manifest, groups, vae
+
+
+def real_oracle(groups, mode: str = "intact") -> Oracle:
+    """Keyed by (DINO, caption): recon -> own latent, swap (DINO of B) -> B's latent, swapped caption ->
+    the flipped latent. ``copy_a``: A's latent whatever the conditioning."""
+    table, own = {}, {}
+    for g in groups.values():
+        for a in g:
+            own[_key(a.t5)] = own[_key(a.t5_flip)] = torch.from_numpy(a.latent.astype(np.float32))
+            table[(_key(a.dino), _key(a.t5))] = a.latent
+            table[(_key(a.dino), _key(a.t5_flip))] = a.latent_flip
+            for b in g:
+                if b is not a:
+                    table[(_key(b.dino), _key(a.t5))] = b.latent
+
+    def target(dk, tk, shape):
+        if mode == "copy_a":
+            return own[tk]
+        return torch.from_numpy(table[(dk, tk)].astype(np.float32))
+
+    return Oracle(target)
+
+
+def test_vae_decoder_unscales_with_the_manifest(real) -> None:
+    root, manifest, groups, vae = real
+    cfg = val_cfg(f"val.vae={root / 'vae'}")
+    dec, info = validate.load_decoder(manifest, cfg.val, torch.device("cpu"))
+    assert dec is not None, info
+    assert info["scale"] == 0.5 and info["shift"] == 0.1 and info["scale_source"] == "manifest vae"
+    z = torch.from_numpy(groups[(8, 8)][0].latent.astype(np.float32))[None]  # (1, 16, 8, 8)
+    with torch.no_grad():
+        want = ((vae.decode(z / 0.5 + 0.1).sample + 1) / 2).clamp(0, 1)  # (1, 3, 16, 16)
+    got = dec.decode(z)
+    assert got.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(got, want)
+    bf16, _ = validate.load_decoder(
+        manifest, val_cfg(f"val.vae={root / 'vae'}", "val.vae_dtype=bf16").val, torch.device("cpu")
+    )
+    torch.testing.assert_close(bf16.decode(z), want, atol=0.05, rtol=0)
+
+
+def test_real_data_without_vae_says_what_to_provide(real, tmp_path) -> None:
+    root, manifest, groups, _ = real
+    write_losses(tmp_path)
+    res = run(real_oracle(groups), manifest, groups, val_cfg(), tmp_path)
+    assert res["decision"] == "NO-GO" and res["data"] == "real"
+    for name in ("lpips", "dino_swap", "text_manip"):
+        c = res["criteria"][name]
+        assert c["computed"] is False and c["value"] is None and "val.vae" in c["how to provide"]
+    assert "recon_scorer" not in res["criteria"]  # a shapes-only criterion
+    assert res["numbers"]["latent_mse"] < 1e-6  # latent numbers need no decoder
+    assert not (tmp_path / "out" / "recon.png").exists()
+    assert "cannot be decoded" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_real_data_scores_with_vae_lpips_and_an_embedder(real, tmp_path) -> None:
+    """DINO swap: output closer (cosine of the embeddings) to B than to A; text manipulation: LPIPS closer to
+    the flipped original. The oracle passes both; copying A fails both."""
+    root, manifest, groups, _ = real
+    write_losses(tmp_path)
+    cfg = val_cfg(f"val.vae={root / 'vae'}")
+    tools = tools_with_lpips(manifest, tmp_path, cfg.val)
+    tools.dino, tools.dino_info = (lambda imgs: imgs.flatten(1)), {"path": "test embedder"}
+    res = run(real_oracle(groups), manifest, groups, cfg, tmp_path, tools)
+    n = res["numbers"]
+    assert n["dino_swap_rate"] == 1.0 and n["text_manip_rate"] == 1.0 and n["lpips"] < 1e-3
+    assert res["decision"] == "GO", res["criteria"]
+    assert (tmp_path / "out" / "dino_swap.png").is_file()
+    bad = run(real_oracle(groups, "copy_a"), manifest, groups, cfg, tmp_path, tools)
+    assert bad["numbers"]["dino_swap_rate"] == 0.0 and bad["numbers"]["text_manip_rate"] == 0.0
+    assert set(bad["failed"]) == {"dino_swap", "text_manip"}
+
+
+def test_real_data_dino_swap_not_computed_without_dino(real, tmp_path) -> None:
+    root, manifest, groups, _ = real
+    for extra in ([], ["val.dino=/nonexistent/dinov3"]):
+        cfg = val_cfg(f"val.vae={root / 'vae'}", *extra)
+        tools = validate.load_tools(manifest, cfg.val, torch.device("cpu"), shapes=False)
+        res = run(real_oracle(groups), manifest, groups, cfg, tmp_path, tools)
+        c = res["criteria"]["dino_swap"]
+        assert c["computed"] is False and "val.dino" in c["how to provide"] and c["why"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's hook and the command line, on a smoke run
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from nanodit.train import train
+
+    root = tmp_path_factory.mktemp("smoke")
+    cfg = load_config(
+        "smoke",
+        [
+            f"run.dir={root / 'run'}",
+            f"data.cache_dir={root / 'cache'}",
+            "data.synth_samples=8",
+            "train.steps=20",
+            "train.log_every=5",
+            "train.ckpt_every=10",
+            "val.every=10",
+            "val.samples=2",
+            "val.steps=3",
+            "run.progress=false",
+        ],
+    )
+    summary = train(cfg, quiet=True)
+    return root / "run", summary
+
+
+def test_hook_writes_step_folders_final_report_and_tensorboard(smoke_run) -> None:
+    run_dir, summary = smoke_run
+    assert summary["report"]["decision"] in ("GO", "NO-GO")
+    assert summary["report"]["path"] == str(run_dir / "report")
+    for folder in (run_dir / "validation" / "step-00000010", run_dir / "report"):
+        s = json.loads((folder / "scores.json").read_text())
+        assert s["decision"] in ("GO", "NO-GO")
+        for name in ("recon.png", "dino_swap.png", "text_manip.png", "loss.png", "report.md", "report.html"):
+            assert (folder / name).is_file(), name
+    assert "## History" in (run_dir / "report" / "report.md").read_text()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows if "val/go" in r} == {10, 20}
+    events = list((run_dir / "tensorboard").glob("events.*"))
+    assert events and sum(e.stat().st_size for e in events) > 10_000  # images went in
+
+
+def test_hook_uses_ema_weights_and_leaves_the_model_alone(shapes, tmp_path) -> None:
+    from nanodit.model import build_model
+    from nanodit.optim import EMA
+
+    root, manifest, groups = shapes
+    cfg = val_cfg()
+    (tmp_path / "config.yaml").write_text(__import__("nanodit.config", fromlist=["to_yaml"]).to_yaml(cfg))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    ema = EMA(model)  # the EMA holds these weights; the live model then moves away
+    ema_model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
+    ema.copy_to(ema_model)
+    for p in model.parameters():
+        p.data.add_(0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+
+    class Loader:
+        pass
+
+    loader = Loader()
+    loader.root = root
+    out = validate.validate_during_training(tmp_path, model, ema, manifest, loader, 7, None)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    want = run(ema_model.eval(), manifest, groups, cfg, tmp_path / "direct")
+    assert out["scores"]["numbers"]["latent_mse"] == pytest.approx(want["numbers"]["latent_mse"], rel=1e-6)
+    assert out["path"] == str(tmp_path / "validation" / "step-00000007")
+
+
+def test_cli_writes_the_report(smoke_run, capsys) -> None:
+    run_dir, _ = smoke_run
+    out = run_dir / "cli"
+    assert validate.main(["--run", str(run_dir), "--out", str(out), "val.samples=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "decision:" in printed and "loss_ratio" in printed
+    s = json.loads((out / "scores.json").read_text())
+    assert s["decision"] in ("GO", "NO-GO") and s["step"] == 20 and s["numbers"]["recon_samples"] == 1
+    assert s["checkpoint"].endswith("ckpt-00000020.pt")
+    for name in ("recon.png", "dino_swap.png", "text_manip.png", "report.md", "report.html"):
+        assert (out / name).is_file()
+    assert (
+        validate.main(
+            [
+                "--run",
+                str(run_dir),
+                "--checkpoint",
+                str(run_dir / "checkpoints" / "ckpt-00000010.pt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "scores.json").read_text())["step"] == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "{tmp}/missing"], "no such folder"),
+        (["--run", "{tmp}"], "no checkpoint"),
+        (["--run", "{run}", "--checkpoint", "{tmp}/nope.pt"], "no such file"),
+        (["--run", "{run}", "train.steps=5"], "only val.*"),
+        (["--run", "{run}", "val.samples=0"], "val.samples"),
+        (["--run", "{run}", "val.min_recon=2"], "val.min_recon"),
+    ],
+)
+def test_cli_one_line_errors(smoke_run, tmp_path, capsys, args, message) -> None:
+    run_dir, _ = smoke_run
+    argv = [a.format(tmp=tmp_path, run=run_dir) for a in args]
+    assert validate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# mutations of a real NanoDiT: the caption-blind and the DINO-blind model
+
+
+def zero_cross_attention(model: torch.nn.Module) -> list:
+    """Force every block's cross-attention output to zero (the caption path is cut)."""
+    return [b.cross.register_forward_hook(lambda m, args, out: torch.zeros_like(out)) for b in model.blocks]
+
+
+def constant_dino(model: torch.nn.Module, value: torch.Tensor) -> list:
+    """Replace the model's DINO input by ``value`` for every sample (the DINO path carries nothing)."""
+
+    def hook(m, args):
+        return (*args[:2], value.to(args[2]).expand_as(args[2]), *args[3:])
+
+    return [model.register_forward_pre_hook(hook)]
+
+
+def smoke_model(run_dir):
+    from nanodit.checkpoint import latest_checkpoint, load_checkpoint
+    from nanodit.config import from_dict
+    from nanodit.model import build_model
+
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    cfg, manifest = from_dict(state["config"]), state["manifest"]
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
+    model.load_state_dict(state["ema"])
+    return model.eval(), cfg, manifest
+
+
+@pytest.mark.parametrize("mutation", ["zero_cross", "const_dino"])
+def test_mutated_model_cannot_pass_both_reconstruction_and_its_test(smoke_run, tmp_path, mutation) -> None:
+    """Each of a sample's tests starts from the same noise, so a model blind to the caption draws the same
+    picture for the swapped caption as for the original one (and a DINO-blind model the same picture for
+    B's DINO as for A's): per sample it cannot pass both reconstruction and text manipulation (DINO swap).
+    The intact model's outputs do change with the caption and with the DINO."""
+    run_dir, _ = smoke_run
+    model, cfg, manifest = smoke_model(run_dir)
+    _, groups, _ = read_all(validate.Path(cfg.data.cache_dir) / "shapes-n8-s0-z16")
+    cfg.val.samples, cfg.val.steps = 4, 3
+    cases = validate.select_cases(groups, 4, True, cfg.val.seed)
+    test = "text_manip" if mutation == "zero_cross" else "dino_swap"
+    pairs = [
+        (i, j)
+        for i, c in enumerate(cases)
+        if c.test == test
+        for j, r in enumerate(cases)
+        if r.test == "recon" and r.a.id == c.a.id
+    ]
+    assert pairs, "the tests must share samples"
+    intact = validate.generate(model, cases, cfg.val)
+    assert all(not torch.allclose(intact[i], intact[j], atol=1e-4) for i, j in pairs)
+    handles = (
+        zero_cross_attention(model) if mutation == "zero_cross" else constant_dino(model, torch.zeros(1))
+    )
+    blind = validate.generate(model, cases, cfg.val)
+    assert all(torch.allclose(blind[i], blind[j], atol=1e-5) for i, j in pairs)
+    res = validate.run_validation(model, manifest, groups, cfg, run_dir, 20, tmp_path / "out")
+    for h in handles:
+        h.remove()
+    by = {(r["test"], r["a"]): r for r in res["cases"]}
+    for i, _ in pairs:
+        a = cases[i].a.id
+        if mutation == "zero_cross":
+            assert not (by[("recon", a)]["objects_match"] and by[("text_manip", a)]["passed"])
+        else:
+            assert not (by[("recon", a)]["lighting_match"] and by[("dino_swap", a)]["lighting_follows_b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained model (GPU: a CPU cannot train one far enough in a test's time, see the module docstring)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A NanoDiT (6 layers, width 256) trained 4000 steps on 16 shapes samples (about 2 minutes on an H200)."""
+    from nanodit.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    overrides = [
+        f"run.dir={root / 'run'}",
+        f"data.cache_dir={root / 'cache'}",
+        "data.synth_samples=16",
+        "model.depth=6",
+        "model.width=256",
+        "model.heads=4",
+        "train.steps=4000",
+        "train.ema_warmup_steps=4000",
+        "train.batch_size=32",
+        "train.lr=1e-3",
+        "train.t_std=1.6",
+        "train.warmup_steps=50",
+        "train.ckpt_every=100000",
+        "train.device=cuda",
+        "val.every=0",
+        "val.at_end=false",
+        "val.samples=8",
+        "val.steps=50",
+        "run.tensorboard=false",
+        "run.progress=false",
+    ]
+    train(load_config("smoke", overrides), quiet=True)
+    model, cfg, manifest = smoke_model(root / "run")
+    _, groups, _ = read_all(validate.Path(cfg.data.cache_dir) / "shapes-n16-s0-z16")
+    return model.cuda(), cfg, manifest, groups, root / "run"
+
+
+def validate_trained(trained, tmp_path, mutation: str | None = None) -> dict:
+    model, cfg, manifest, groups, run_dir = trained
+    handles = []
+    if mutation == "zero_cross":
+        handles = zero_cross_attention(model)
+    elif mutation == "const_dino":
+        handles = constant_dino(model, torch.zeros(1))
+    try:
+        return validate.run_validation(model, manifest, groups, cfg, run_dir, 4000, tmp_path / "out")
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_trained_model_reconstructs_and_its_mutations_fail(trained, tmp_path) -> None:
+    """The trained model reconstructs its samples (scorer and PSNR); cutting its caption path fails text
+    manipulation, a constant DINO fails the DINO swap (and here reconstruction too)."""
+    res = validate_trained(trained, tmp_path)
+    assert res["criteria"]["recon_scorer"]["pass"] and res["numbers"]["psnr"] > 25, res["numbers"]
+    assert res["criteria"]["loss_ratio"]["pass"]
+    cut = validate_trained(trained, tmp_path, "zero_cross")
+    assert cut["criteria"]["text_manip"]["pass"] is False and cut["numbers"]["text_manip_rate"] <= 0.25
+    blind = validate_trained(trained, tmp_path, "const_dino")
+    assert (
+        blind["criteria"]["dino_swap"]["pass"] is False
+        and blind["numbers"]["dino_swap_lighting_follows_b"] <= 0.25
+    )
+    assert blind["numbers"]["recon_lighting_rate"] <= 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=False,
+    reason="finding: trained on 16 samples the model draws everything from the DINO (its lighting is a unique "
+    "key per image) and ignores the caption: reconstruction 100%, DINO swap 0/8, text manipulation 0/8 on an "
+    "H200 at 4000-6000 steps. The validation says NO-GO, as it should; this test passes once the model "
+    "disentangles the two paths.",
+)
+def test_trained_model_passes_dino_swap_and_text_manipulation(trained, tmp_path) -> None:
+    res = validate_trained(trained, tmp_path)
+    n = res["numbers"]
+    assert res["criteria"]["dino_swap"]["pass"] and res["criteria"]["text_manip"]["pass"], n
