@@ -32,18 +32,20 @@ from nanodit.kernels import get_ops
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """(N,) positions -> (N, dim) [sin | cos] features, frequencies 1 / 10000^(2i/dim)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))  # (dim/2,)
-    ang = pos.double()[:, None] * omega[None]  # (N, dim/2)
-    return torch.cat([ang.sin(), ang.cos()], dim=1).float()  # (N, dim)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
+    ang = pos.float()[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], dim=1)  # (N, dim)
 
 
-def sincos_2d(dim: int, gh: int, gw: int) -> torch.Tensor:
+def sincos_2d(dim: int, gh: int, gw: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """2-D sin-cos positions of a gh x gw grid -> (gh*gw, dim): half the channels for y, half for x.
 
     Integer token positions, so every bucket grid is computed fresh and shares the top-left
     positions of the others.
     """
-    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")  # (gh, gw)
+    ys, xs = torch.meshgrid(
+        torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij"
+    )  # (gh, gw)
     return torch.cat([sincos_1d(dim // 2, ys.flatten()), sincos_1d(dim // 2, xs.flatten())], dim=1)
 
 
@@ -214,10 +216,16 @@ class NanoDiT(nn.Module):
         nn.init.zeros_(self.final.linear.bias)
 
     def pos_embed(self, gh: int, gw: int, device: torch.device) -> torch.Tensor:
-        """2-D sin-cos positions for a bucket's token grid, computed once per (grid, device)."""
+        """2-D sin-cos positions for a bucket's token grid, cached per (grid, device) in eager mode.
+
+        Under torch.compile they are computed in the graph instead: a Python cache that grows with each new
+        bucket is guarded on by dynamo and would force a recompile per bucket.
+        """
+        if torch.compiler.is_compiling():
+            return sincos_2d(self.width, gh, gw, device)  # (T, D)
         key = (gh, gw, str(device))
         if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_2d(self.width, gh, gw).to(device)  # (T, D)
+            self._pos_cache[key] = sincos_2d(self.width, gh, gw, device)  # (T, D)
         return self._pos_cache[key]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

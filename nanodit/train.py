@@ -138,6 +138,10 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     ema = EMA(model)
 
     # ---- compile (checkpoints always hold the uncompiled module) ------------------------------
+    if cfg.train.compile:
+        # one graph per bucket shape (and per last-batch size): raise dynamo's default limit of 8 so that
+        # no bucket silently falls back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     fwd = torch.compile(model) if cfg.train.compile else model
 
     # ---- resume -------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Fused ops of the DiT hot path, each beside its pure-PyTorch ``*_ref`` twin.
 
 ``get_ops("ref" | "triton")`` returns the namespace the model calls; model code never imports Triton.
+Importing this package does not import Triton either: the Triton modules (``adaln``, ``residual``,
+``flow_loss``) load on first ``get_ops("triton")``, so ``TRITON_INTERPRET=1`` can still be set before.
 """
 
 from __future__ import annotations
@@ -33,5 +35,33 @@ def get_ops(name: str) -> SimpleNamespace:
             flow_loss=flow_loss_ref,
         )
     if name == "triton":
-        raise NotImplementedError("model.kernels=triton: the Triton kernels are not built yet")
+        try:
+            from nanodit.kernels.adaln import adaln_modulate, residual_adaln_modulate
+            from nanodit.kernels.flow_loss import flow_loss
+            from nanodit.kernels.residual import gated_residual
+        except ImportError as e:  # no triton package on this machine
+            raise ValueError(f"model.kernels=triton needs the triton package ({e}); use kernels=ref") from e
+        return SimpleNamespace(
+            modulate=adaln_modulate,
+            gated_residual=gated_residual,
+            residual_modulate=residual_adaln_modulate,
+            flow_loss=flow_loss,
+        )
     raise ValueError(f"model.kernels={name!r} is not one of ref, triton")
+
+
+_LAZY = {
+    "adaln_modulate": "adaln",
+    "residual_adaln_modulate": "adaln",
+    "gated_residual": "residual",
+    "flow_loss": "flow_loss",
+}
+
+
+def __getattr__(name: str):
+    """``from nanodit.kernels import adaln_modulate`` etc. import Triton only when asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"nanodit.kernels.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'nanodit.kernels' has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""Launch helpers shared by the Triton kernels: tile sizes, grid sizes, device and layout checks,
+and the second stage of the (B, D) reductions over T.
+
+Importing this module imports Triton, so only the Triton kernel modules import it (``nanodit.kernels``
+itself does not).
+
+Tiles. A row kernel holds a [ROWS, BLOCK_D] tile in registers: BLOCK_D = next power of two >= D
+(the tail is masked), ROWS so a tile is FWD_TILE / BWD_TILE elements; many small programs per SM keep
+the ~30 KB/SM in flight that HBM3e needs at ~1 us latency, and the backward's loop issues the next
+tile's loads before it computes the current one.
+Loads are 16-byte vectors whenever D and the row stride are multiples of 16 (Triton specialises
+integer arguments divisible by 16, so D and every stride stay specialised: a batch stride of unknown
+divisibility alone makes every row address unaligned and the loads scalar); other D still work, with
+narrower loads. T and loop counts are ``do_not_specialize``: they change values, never the code.
+
+Reductions over T (dscale, dshift, dgate). A backward program owns a block of consecutive tokens
+of one sample, loops over its tiles, and writes one fp32 partial per (b, block, d); a second,
+small kernel (``sum_blocks``) adds the blocks in order and casts to each output's dtype in one launch.
+Same shapes -> same order -> bitwise the same result on every run (no atomics).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+MAX_D = 32768  # one row must fit a program's registers
+# Tile sizes (elements of one [ROWS, BLOCK_D] tile) and warps. Measured on an H200 (bf16, D=384, sweep of
+# bench/bench_kernels.py's cases): for the forward, small programs (2 rows x 512 on 2 warps) beat 4-8 KB
+# tiles by 10-20 points of copy bandwidth at the large shape; for the backward, 4 warps on 2048-element
+# tiles, ~4 programs per SM, was best before the loop prefetched its next tile (not re-swept since).
+FWD_TILE, FWD_WARPS = 1024, 2
+BWD_TILE, BWD_WARPS = 2048, 4
+BWD_PROGRAMS_PER_SM = 4  # backward grid ~ this many programs per SM (each one token block of a sample)
+INTERPRET_TILE = 2048  # CPU interpreter: fewer, larger programs (speed there is Python's), still multi-tile
+
+
+def is_interpreted(kernel) -> bool:
+    """True when Triton runs ``kernel`` in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_device(kernel, *tensors: torch.Tensor) -> None:
+    """CUDA tensors, or any tensors under the interpreter; a one-line error otherwise."""
+    if is_interpreted(kernel):
+        return
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            raise ValueError(
+                f"model.kernels=triton needs CUDA tensors (got {t.device.type}); "
+                "on CPU use kernels=ref, or TRITON_INTERPRET=1 for the (slow) interpreter"
+            )
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type != "cuda":
+        return 1  # interpreter: few programs, each looping over several tiles (still exercises the 2 stages)
+    return torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count(device.type, device.index)
+
+
+def row_config(D: int, bwd: bool, interpreted: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of a row kernel for width D."""
+    if D > MAX_D:
+        raise ValueError(f"kernels: width D={D} is above the row kernels' limit {MAX_D}; use kernels=ref")
+    block_d = triton.next_power_of_2(D)
+    tile, warps = (BWD_TILE, BWD_WARPS) if bwd else (FWD_TILE, FWD_WARPS)
+    tile = INTERPRET_TILE if interpreted else tile
+    # wide rows: keep ~16 elements per thread (two or four 16-byte loads per tensor)
+    return block_d, max(1, tile // block_d), max(warps, min(16, block_d // 512))
+
+
+def t_blocks(B: int, T: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(n_blocks, tiles_per_block): split each sample's T tokens into blocks, ~BWD_PROGRAMS_PER_SM
+    programs per SM in all. Fewer, longer blocks mean fewer partial sums (B * n_blocks * D fp32 written
+    and read again); more blocks mean more programs in flight."""
+    n_tiles = triton.cdiv(T, rows)
+    target = BWD_PROGRAMS_PER_SM * sm_count(device)
+    n_blocks = min(n_tiles, max(1, triton.cdiv(target, B)))
+    tiles = triton.cdiv(n_tiles, n_blocks)
+    return triton.cdiv(n_tiles, tiles), tiles
+
+
+def rows3d(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D) with unit stride along D (copied only when it is not); B/T strides stay free."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rows2d(p: torch.Tensor) -> torch.Tensor:
+    """Per-sample vector (B, D) with unit stride along D; chunk() slices of (B, kD) pass as they are."""
+    return p if p.stride(-1) == 1 else p.contiguous()
+
+
+def check_rows(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected x of shape (B, T, D), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating-point x, got {x.dtype}")
+
+
+def check_vec(name: str, key: str, p: torch.Tensor, x: torch.Tensor) -> None:
+    B, _, D = x.shape
+    if tuple(p.shape) != (B, D):
+        raise ValueError(f"{name}: {key} must have shape (B, D) = {(B, D)}, got {tuple(p.shape)}")
+    if not p.dtype.is_floating_point:
+        raise ValueError(f"{name}: {key} must be floating-point, got {p.dtype}")
+
+
+@triton.jit(do_not_specialize=["BD", "nblk"])
+def _sum_blocks_kernel(
+    PART, OUT0, OUT1, OUT2, BD, D, nblk, K: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr
+):
+    """OUTk[b, d] = sum_j PART[k, b, j, d]; PART (K, B, nblk, D) fp32. NB blocks at a time are loaded as
+    one [NB, BLOCK] tile and tree-summed: the same order on every run."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat b * D + d
+    m = offs < BD
+    base = (offs // D).to(tl.int64) * nblk * D + offs % D
+    plane = BD.to(tl.int64) * nblk
+    js = tl.arange(0, NB)
+    acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for j0 in range(0, nblk, NB):
+        ptr = PART + base[None, :] + (j0 + js)[:, None] * D
+        mm = (j0 + js < nblk)[:, None] & m[None, :]
+        acc0 += tl.sum(tl.load(ptr, mask=mm, other=0.0), axis=0)
+        if K > 1:
+            acc1 += tl.sum(tl.load(ptr + plane, mask=mm, other=0.0), axis=0)
+        if K > 2:
+            acc2 += tl.sum(tl.load(ptr + 2 * plane, mask=mm, other=0.0), axis=0)
+    tl.store(OUT0 + offs, acc0.to(OUT0.dtype.element_ty), mask=m)
+    if K > 1:
+        tl.store(OUT1 + offs, acc1.to(OUT1.dtype.element_ty), mask=m)
+    if K > 2:
+        tl.store(OUT2 + offs, acc2.to(OUT2.dtype.element_ty), mask=m)
+
+
+def sum_blocks(part: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor, ...]:
+    """Second stage: (K, B, nblk, D) fp32 partials -> K separate (B, D) tensors in ``dtypes``, fixed order."""
+    K, B, nblk, D = part.shape
+    outs = tuple(torch.empty((B, D), dtype=dt, device=part.device) for dt in dtypes)
+    o = outs + (outs[0],) * (3 - K)  # unused pointers when K < 3
+    block, nb = 128, min(32, triton.next_power_of_2(nblk))
+    _sum_blocks_kernel[(triton.cdiv(B * D, block),)](
+        part, o[0], o[1], o[2], B * D, D, nblk, K=K, NB=nb, BLOCK=block, num_warps=4
+    )
+    return outs

@@ -1,0 +1,450 @@
+"""adaLN modulation and the fused block boundary, as Triton kernels beside their PyTorch twins.
+
+    h = adaln_modulate(x, shift, scale)  # LayerNorm(x) * (1 + scale[b]) + shift[b]
+    x_new, h = residual_adaln_modulate(x, y, gate, shift, scale)  # x + gate[b] * y, modulate(x_new)
+
+x, y (B, T, D), any float dtype, any B/T strides; shift, scale, gate (B, D), e.g. ``chunk()`` slices of
+one (B, 6D) adaLN output. LayerNorm has no affine and eps 1e-6; statistics and sums are fp32; outputs
+are in the input dtype. Eager calls run an ``autograd.Function``; under torch.compile the same code is a
+``torch.library.custom_op`` with autograd, traced without a graph break. CPU tensors run through
+Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Bytes model (e = bytes per element, N = B*T*D; the (B, D) vectors and fp32 partials are not counted):
+| op | forward | backward |
+|---|---|---|
+| modulate | read x, write h: 2Ne | read x, dh, write dx: 3Ne |
+| residual_modulate, gate | read x, y, write x_new, h: 4Ne | read x_new, dx_new, dh, y, write dx, dy: 6Ne |
+| residual_modulate, no gate | 4Ne | read x_new, dx_new, dh, write dx (= dy): 4Ne |
+The eager reference moves 2-3x as much: LayerNorm, the fp32 casts, the scale and the shift each make a pass.
+
+Backward math, per row (xhat = (x - mean) * rstd, s1 = 1 + scale[b], g = dh * s1):
+    dx = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat))
+    dshift[b] = sum_T dh,  dscale[b] = sum_T dh * xhat
+and for the boundary, with gx = dx_new + dx(h):  dx = gx, dy = gate * gx, dgate[b] = sum_T gx * y.
+The sums over T are two-stage (see ``_launch``): deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanodit.kernels import _launch as L
+from nanodit.kernels.ref import LN_EPS, adaln_modulate_ref, residual_adaln_modulate_ref
+
+__all__ = ["adaln_modulate", "adaln_modulate_ref", "residual_adaln_modulate", "residual_adaln_modulate_ref"]
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _ln_rows(x, mask, D, eps):
+    """fp32 tile (ROWS, BLOCK_D) -> (xhat with masked lanes 0, rstd (ROWS,)); two-pass variance."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit(do_not_specialize=["T"])
+def _modulate_fwd_kernel(
+    X, SHIFT, SCALE, H,
+    T, D, s_xb, s_xt, s_shb, s_scb, eps,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < T)[:, None] & cmask[None, :]
+    shift = tl.load(SHIFT + b * s_shb + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat, _ = _ln_rows(x, mask, D, eps)
+    h = xhat * scale1[None, :] + shift[None, :]
+    out = (b * T + rows[:, None]) * D + cols[None, :]  # outputs are contiguous (B, T, D)
+    tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "tiles"])
+def _modulate_bwd_kernel(
+    DH, X, SCALE, DX, PART,
+    T, D, tiles, s_dhb, s_dht, s_xb, s_xt, s_scb, eps,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    blk, nblk = tl.program_id(0), tl.num_programs(0)
+    b, B = tl.program_id(1).to(tl.int64), tl.num_programs(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_scale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    rows = blk * tiles * ROWS + tl.arange(0, ROWS)
+    mask = (rows < T)[:, None] & cmask[None, :]
+    x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
+    dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
+    for i in range(tiles):
+        # issue the next tile's loads first: they fly while this tile computes (software pipelining)
+        nrows = rows + ROWS
+        nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
+        nx = tl.load(X + b * s_xb + nrows[:, None] * s_xt + cols[None, :], mask=nmask, other=0.0)
+        ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
+        xhat, rstd = _ln_rows(x.to(tl.float32), mask, D, eps)
+        g32 = dh.to(tl.float32)
+        g = g32 * scale1[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        acc_scale += g32 * xhat
+        acc_shift += g32
+        rows, mask, x, dh = nrows, nmask, nx, ndh
+    part = PART + (b * nblk + blk) * D + cols  # PART (2, B, nblk, D) fp32
+    tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)
+    tl.store(part + B * nblk * D, tl.sum(acc_shift, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _residual_modulate_fwd_kernel(
+    X, Y, GATE, SHIFT, SCALE, XN, H,
+    T, D, s_xb, s_xt, s_yb, s_yt, s_gb, s_shb, s_scb, eps,
+    HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < T)[:, None] & cmask[None, :]
+    shift = tl.load(SHIFT + b * s_shb + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(GATE + b * s_gb + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y * gate[None, :]
+    out = (b * T + rows[:, None]) * D + cols[None, :]
+    xn = (x + y).to(XN.dtype.element_ty)
+    tl.store(XN + out, xn, mask=mask)
+    # normalise the stored (rounded) x_new, as the reference does and as the backward recomputes
+    xhat, _ = _ln_rows(xn.to(tl.float32), mask, D, eps)
+    h = xhat * scale1[None, :] + shift[None, :]
+    tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "tiles"])
+def _residual_modulate_bwd_kernel(
+    DXN, DH, XN, Y, GATE, SCALE, DX, DY, PART,
+    T, D, tiles, s_dxnb, s_dxnt, s_dhb, s_dht, s_yb, s_yt, s_gb, s_scb, eps,
+    HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    blk, nblk = tl.program_id(0), tl.num_programs(0)
+    b, B = tl.program_id(1).to(tl.int64), tl.num_programs(1)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        gate = tl.load(GATE + b * s_gb + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_scale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_gate = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    rows = blk * tiles * ROWS + tl.arange(0, ROWS)
+    mask = (rows < T)[:, None] & cmask[None, :]
+    xn = tl.load(XN + (b * T + rows[:, None]) * D + cols[None, :], mask=mask, other=0.0)
+    dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
+    dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
+    if HAS_GATE:
+        y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
+    else:
+        y = dh  # unused
+    for i in range(tiles):
+        # issue the next tile's loads first: they fly while this tile computes (software pipelining)
+        nrows = rows + ROWS
+        nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
+        nxn = tl.load(XN + (b * T + nrows[:, None]) * D + cols[None, :], mask=nmask, other=0.0)
+        ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
+        ndxn = tl.load(DXN + b * s_dxnb + nrows[:, None] * s_dxnt + cols[None, :], mask=nmask, other=0.0)
+        if HAS_GATE:
+            ny = tl.load(Y + b * s_yb + nrows[:, None] * s_yt + cols[None, :], mask=nmask, other=0.0)
+        else:
+            ny = ndh
+        own = (b * T + rows[:, None]) * D + cols[None, :]  # x_new, dx, dy: contiguous (B, T, D)
+        xhat, rstd = _ln_rows(xn.to(tl.float32), mask, D, eps)
+        g32 = dh.to(tl.float32)
+        g = g32 * scale1[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        gx = dxn.to(tl.float32) + (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
+        acc_scale += g32 * xhat
+        acc_shift += g32
+        if HAS_GATE:
+            tl.store(DY + own, (gx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+            acc_gate += gx * y.to(tl.float32)
+        rows, mask, xn, dh, dxn, y = nrows, nmask, nxn, ndh, ndxn, ny
+    part = PART + (b * nblk + blk) * D + cols  # PART (2 or 3, B, nblk, D) fp32: scale, shift[, gate]
+    plane = B * nblk * D
+    tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)
+    tl.store(part + plane, tl.sum(acc_shift, axis=0), mask=cmask)
+    if HAS_GATE:
+        tl.store(part + 2 * plane, tl.sum(acc_gate, axis=0), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (plain functions on tensors; the custom ops below wrap them)
+
+
+def _modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    L.check_device(_modulate_fwd_kernel, x, shift, scale)
+    x, shift, scale = L.rows3d(x), L.rows2d(shift), L.rows2d(scale)
+    B, T, D = x.shape
+    h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
+    _modulate_fwd_kernel[(triton.cdiv(T, rows), B)](
+        x, shift, scale, h, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), LN_EPS,
+        ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return h
+
+
+def _modulate_bwd(
+    dh: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, scale, dh = L.rows3d(x), L.rows2d(scale), L.rows3d(dh)
+    B, T, D = x.shape
+    block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_modulate_bwd_kernel))
+    nblk, tiles = L.t_blocks(B, T, rows, x.device)
+    dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    part = torch.empty((2, B, nblk, D), dtype=torch.float32, device=x.device)
+    _modulate_bwd_kernel[(nblk, B)](
+        dh, x, scale, dx, part, T, D, tiles,
+        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0), LN_EPS,
+        ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype))  # 2 x (B, D)
+    return dx, dshift, dscale
+
+
+def _residual_modulate_fwd(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    L.check_device(_residual_modulate_fwd_kernel, x, y, gate, shift, scale)
+    x, y, shift, scale = L.rows3d(x), L.rows3d(y), L.rows2d(shift), L.rows2d(scale)
+    gate = None if gate is None else L.rows2d(gate)
+    B, T, D = x.shape
+    dtype = torch.promote_types(
+        x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
+    )
+    xn = torch.empty((B, T, D), dtype=dtype, device=x.device)
+    h = torch.empty((B, T, D), dtype=dtype, device=x.device)
+    block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
+    g = shift if gate is None else gate  # any pointer: unused when HAS_GATE is False
+    _residual_modulate_fwd_kernel[(triton.cdiv(T, rows), B)](
+        x, y, g, shift, scale, xn, h, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        g.stride(0), shift.stride(0), scale.stride(0), LN_EPS,
+        HAS_GATE=gate is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return xn, h
+
+
+def _residual_modulate_bwd(
+    dxn: torch.Tensor,
+    dh: torch.Tensor,
+    xn: torch.Tensor,
+    y: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dx, dy, dgate, dshift, dscale; without a gate (y is then None) dy and dgate are empty: dy = dx."""
+    dxn, dh, scale = L.rows3d(dxn), L.rows3d(dh), L.rows2d(scale)
+    xn = xn.contiguous()  # our own forward output: already contiguous (the kernel indexes it so)
+    has_gate = gate is not None
+    y, gate = (L.rows3d(y), L.rows2d(gate)) if has_gate else (xn, None)  # xn: an unread stand-in
+    B, T, D = xn.shape
+    block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_modulate_bwd_kernel))
+    nblk, tiles = L.t_blocks(B, T, rows, xn.device)
+    dx = torch.empty((B, T, D), dtype=x_dtype, device=xn.device)
+    dy = torch.empty((B, T, D) if has_gate else (0,), dtype=y.dtype, device=xn.device)
+    part = torch.empty((3 if has_gate else 2, B, nblk, D), dtype=torch.float32, device=xn.device)
+    g = scale if gate is None else gate
+    _residual_modulate_bwd_kernel[(nblk, B)](
+        dxn, dh, xn, y, g, scale, dx, dy, part, T, D, tiles,
+        dxn.stride(0), dxn.stride(1), dh.stride(0), dh.stride(1), y.stride(0), y.stride(1),
+        g.stride(0), scale.stride(0), LN_EPS,
+        HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    if has_gate:
+        dscale, dshift, dgate = L.sum_blocks(part, (scale.dtype, shift.dtype, gate.dtype))  # 3 x (B, D)
+    else:
+        dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype))  # 2 x (B, D)
+        dgate = part.new_empty((0,))
+    return dx, dy, dgate, dshift, dscale
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd: one formula, two doors. Eager calls go through an autograd.Function straight to the
+# launchers (the least host time per call); under torch.compile the same formulas sit behind
+# torch.library custom ops, which Dynamo traces as single nodes (no graph break) and AOTAutograd
+# differentiates with the backward op below.
+
+
+def _modulate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _modulate_backward(ctx, dh, bwd):
+    x, shift, scale = ctx.saved_tensors
+    return bwd(dh, x, shift, scale)  # dx, dshift, dscale
+
+
+class _Modulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, scale):
+        h = _modulate_fwd(x, shift, scale)
+        _modulate_setup(ctx, (x, shift, scale), h)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        return _modulate_backward(ctx, dh, _modulate_bwd)
+
+
+def _residual_modulate_setup(ctx, inputs, output):
+    x, y, gate, shift, scale = inputs
+    ctx.x_dtype, ctx.y_dtype, ctx.has_gate = x.dtype, y.dtype, gate is not None
+    # without a gate the backward never reads y: do not keep it alive
+    ctx.save_for_backward(output[0], y if ctx.has_gate else None, gate, shift, scale)
+
+
+def _residual_modulate_backward(ctx, dxn, dh, bwd):
+    xn, y, gate, shift, scale = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = bwd(dxn, dh, xn, y, gate, shift, scale, ctx.x_dtype)
+    if not ctx.has_gate:
+        return dx, dx.to(ctx.y_dtype), None, dshift, dscale  # x + y: both receive the same gradient
+    return dx, dy, dgate, dshift, dscale
+
+
+class _ResidualModulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale):
+        xn, h = _residual_modulate_fwd(x, y, gate, shift, scale)
+        _residual_modulate_setup(ctx, (x, y, gate, shift, scale), (xn, h))
+        return xn, h
+
+    @staticmethod
+    def backward(ctx, dxn, dh):
+        return _residual_modulate_backward(ctx, dxn, dh, _residual_modulate_bwd)
+
+
+@torch.library.custom_op(
+    "nanodit::adaln_modulate", mutates_args=(), schema="(Tensor x, Tensor shift, Tensor scale) -> Tensor"
+)
+def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _modulate_fwd(x, shift, scale)
+
+
+@_modulate_op.register_fake
+def _(x, shift, scale):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(
+    "nanodit::adaln_modulate_bwd",
+    mutates_args=(),
+    schema="(Tensor dh, Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor, Tensor)",
+)
+def _modulate_bwd_op(dh, x, shift, scale):
+    return _modulate_bwd(dh, x, shift, scale)
+
+
+@_modulate_bwd_op.register_fake
+def _(dh, x, shift, scale):
+    return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
+
+
+_modulate_op.register_autograd(
+    lambda ctx, dh: _modulate_backward(ctx, dh, _modulate_bwd_op), setup_context=_modulate_setup
+)
+
+
+@torch.library.custom_op(
+    "nanodit::residual_adaln_modulate",
+    mutates_args=(),
+    schema="(Tensor x, Tensor y, Tensor? gate, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
+)
+def _residual_modulate_op(x, y, gate, shift, scale):
+    return _residual_modulate_fwd(x, y, gate, shift, scale)
+
+
+@_residual_modulate_op.register_fake
+def _(x, y, gate, shift, scale):
+    dtype = torch.promote_types(
+        x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
+    )
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.custom_op(
+    "nanodit::residual_adaln_modulate_bwd",
+    mutates_args=(),
+    schema="(Tensor dxn, Tensor dh, Tensor xn, Tensor? y, Tensor? gate, Tensor shift, Tensor scale, "
+    "ScalarType x_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _residual_modulate_bwd_op(dxn, dh, xn, y, gate, shift, scale, x_dtype):
+    return _residual_modulate_bwd(dxn, dh, xn, y, gate, shift, scale, x_dtype)
+
+
+@_residual_modulate_bwd_op.register_fake
+def _(dxn, dh, xn, y, gate, shift, scale, x_dtype):
+    has_gate = gate is not None
+    return (
+        xn.new_empty(xn.shape, dtype=x_dtype),
+        xn.new_empty(xn.shape if has_gate else (0,), dtype=y.dtype if has_gate else xn.dtype),
+        xn.new_empty(gate.shape if has_gate else (0,), dtype=gate.dtype if has_gate else torch.float32),
+        shift.new_empty(shift.shape),
+        scale.new_empty(scale.shape),
+    )
+
+
+_residual_modulate_op.register_autograd(
+    lambda ctx, dxn, dh: _residual_modulate_backward(ctx, dxn, dh, _residual_modulate_bwd_op),
+    setup_context=_residual_modulate_setup,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# public ops (same signatures and semantics as the *_ref twins)
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = LayerNorm(x) * (1 + scale[b]) + shift[b], in x's dtype; x (B, T, D), shift/scale (B, D)."""
+    L.check_rows("adaln_modulate", x)
+    L.check_vec("adaln_modulate", "shift", shift, x)
+    L.check_vec("adaln_modulate", "scale", scale, x)
+    if torch.compiler.is_compiling():
+        return _modulate_op(x, shift, scale)  # (B, T, D)
+    return _Modulate.apply(x, shift, scale)  # (B, T, D)
+
+
+def residual_adaln_modulate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block boundary in one pass: x' = x + gate[b] * y (gate None: x + y), h = adaln_modulate(x')."""
+    L.check_rows("residual_adaln_modulate", x)
+    if y.shape != x.shape:
+        raise ValueError(
+            f"residual_adaln_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}"
+        )
+    for key, p in (("gate", gate), ("shift", shift), ("scale", scale)):
+        if p is not None:
+            L.check_vec("residual_adaln_modulate", key, p, x)
+    if torch.compiler.is_compiling():
+        return _residual_modulate_op(x, y, gate, shift, scale)  # 2 x (B, T, D)
+    return _ResidualModulate.apply(x, y, gate, shift, scale)  # 2 x (B, T, D)

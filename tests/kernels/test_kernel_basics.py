@@ -1,0 +1,177 @@
+"""Plumbing of the Triton kernels: interpreter on CPU, lazy import, op registration, errors, determinism."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_cases import DEVICE, make_vecs
+
+from nanodit.kernels import _launch, adaln, flow_loss, get_ops, ref, residual
+
+KERNELS = [
+    adaln._modulate_fwd_kernel,
+    adaln._modulate_bwd_kernel,
+    adaln._residual_modulate_fwd_kernel,
+    adaln._residual_modulate_bwd_kernel,
+    residual._gated_residual_fwd_kernel,
+    residual._gated_residual_bwd_kernel,
+    flow_loss._flow_loss_fwd_kernel,
+    flow_loss._scale_rows_kernel,
+    _launch._sum_blocks_kernel,
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without CUDA")
+def test_interpreter_is_used_without_cuda():
+    """Without CUDA every kernel is Triton's interpreted function (conftest set TRITON_INTERPRET in time)."""
+    assert all(_launch.is_interpreted(k) for k in KERNELS)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_gpu_reject_cpu_tensors():
+    """On a GPU machine the kernels are compiled, and CPU tensors get a one-line error naming the option."""
+    assert not any(_launch.is_interpreted(k) for k in KERNELS)
+    x, (shift, scale) = torch.randn(1, 2, 8), make_vecs(1, 8, 2, torch.float32, False)
+    with pytest.raises(ValueError, match="model.kernels=triton needs CUDA tensors"):
+        adaln.adaln_modulate(x, shift.cpu(), scale.cpu())
+
+
+def test_importing_the_package_does_not_import_the_kernels():
+    """nanodit.kernels imports without Triton, and neither it nor the model (kernels=ref) defines a kernel:
+    TRITON_INTERPRET, read when @triton.jit decorates, can still be set after they are imported."""
+    code = (
+        "import sys, nanodit.kernels; print('triton' in sys.modules);"
+        "import nanodit.model; nanodit.kernels.get_ops('ref');"
+        "print(any(m in sys.modules for m in ('nanodit.kernels.adaln', 'nanodit.kernels._launch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_get_ops_triton_has_the_ref_fields():
+    """get_ops('triton') offers the same four ops as get_ops('ref'), each a Triton op."""
+    fast, slow = vars(get_ops("triton")), vars(get_ops("ref"))
+    assert fast.keys() == slow.keys() == {"modulate", "gated_residual", "residual_modulate", "flow_loss"}
+    assert fast["modulate"] is adaln.adaln_modulate and fast["flow_loss"] is flow_loss.flow_loss
+    assert all(f is not slow[k] for k, f in fast.items())
+    with pytest.raises(ValueError, match="model.kernels='cuda' is not one of"):
+        get_ops("cuda")
+
+
+def _bad_calls():
+    x, v = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE)
+    img, t = torch.randn(2, 4, 4, 4, device=DEVICE), torch.rand(2, device=DEVICE)
+    wide = torch.randn(1, 1, 40000, device=DEVICE)
+    return [
+        ("modulate 2-D x", lambda: adaln.adaln_modulate(x[0], v, v), "expected x of shape"),
+        ("modulate shift", lambda: adaln.adaln_modulate(x, v[:, :4], v), "shift must have shape"),
+        ("modulate int", lambda: adaln.adaln_modulate(x.long(), v, v), "floating-point"),
+        (
+            "boundary y",
+            lambda: adaln.residual_adaln_modulate(x, x[:, :2], None, v, v),
+            "y must have x's shape",
+        ),
+        ("boundary gate", lambda: adaln.residual_adaln_modulate(x, x, v[:1], v, v), "gate must have shape"),
+        ("residual gate", lambda: residual.gated_residual(x, v.T, x), "gate must have shape"),
+        ("loss shapes", lambda: flow_loss.flow_loss(img, img[:1], img, t), "must share one shape"),
+        ("loss t", lambda: flow_loss.flow_loss(img, img, img, t[:1]), "t and weight must have shape"),
+        ("loss nbins", lambda: flow_loss.flow_loss(img, img, img, t, nbins=0), "nbins must be >= 1"),
+        ("width", lambda: adaln.adaln_modulate(wide, wide[0], wide[0]), "limit"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_is_a_one_line_error(case):
+    """Each misuse raises ValueError with one line that names the argument and what is wrong."""
+    _, call, pattern = _bad_calls()[case]
+    with pytest.raises(ValueError, match=pattern) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_backward_is_bitwise_deterministic():
+    """The two-stage reductions over T (dshift, dscale, dgate) give identical bits run after run."""
+    T = 1024 if DEVICE.type == "cuda" else 45
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    x = torch.randn(3, T, 384, device=DEVICE, dtype=dtype)
+    y = torch.randn_like(x)
+    mod = torch.randn(3, 6 * 384, device=DEVICE, dtype=dtype)
+
+    def grads():
+        m = mod.clone().requires_grad_(True)
+        shift, scale, gate = m.chunk(6, 1)[:3]
+        xn, h = adaln.residual_adaln_modulate(x, y, gate, shift, scale)
+        out = residual.gated_residual(xn, gate, adaln.adaln_modulate(h, scale, shift))
+        (g,) = torch.autograd.grad(out.float().square().sum(), [m])
+        return g
+
+    first = grads()
+    assert all(torch.equal(first, grads()) for _ in range(2))
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schemas, fake (meta) impls, autograd registration and AOT dispatch agree."""
+    x, y = torch.randn(2, 5, 48, device=DEVICE, requires_grad=True), torch.randn(2, 5, 48, device=DEVICE)
+    shift, scale, gate = (p.requires_grad_(True) for p in make_vecs(2, 48, 3, torch.float32, False))
+    v, x0 = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True), torch.randn(2, 3, 4, 4, device=DEVICE)
+    ops = torch.ops.nanodit
+    calls = [
+        (ops.adaln_modulate, (x, shift, scale)),
+        (ops.gated_residual, (x, gate, y)),
+        (ops.residual_adaln_modulate, (x, y, gate, shift, scale)),
+        (ops.residual_adaln_modulate, (x, y, None, shift, scale)),
+        (ops.flow_loss, (v, x0, x0, torch.rand(2, device=DEVICE), None, 10, True)),
+        (
+            ops.flow_loss,
+            (v.detach(), x0, x0, torch.rand(2, device=DEVICE), torch.rand(2, device=DEVICE), 3, False),
+        ),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args)
+
+
+def test_reference_twins_are_the_ones_beside_the_kernels():
+    """Each kernel module re-exports its *_ref twin unchanged (one spec, no drift)."""
+    assert adaln.adaln_modulate_ref is ref.adaln_modulate_ref
+    assert adaln.residual_adaln_modulate_ref is ref.residual_adaln_modulate_ref
+    assert residual.gated_residual_ref is ref.gated_residual_ref
+    assert flow_loss.flow_loss_ref is ref.flow_loss_ref
+
+
+def test_custom_op_door_equals_eager_door():
+    """Under torch.compile the ops go through torch.ops.nanodit.*; eagerly through autograd.Functions.
+    Both run the same launchers, so outputs and gradients must be bitwise equal."""
+    x, y = torch.randn(2, 9, 80, device=DEVICE), torch.randn(2, 9, 80, device=DEVICE)
+    mod = torch.randn(2, 6 * 80, device=DEVICE)
+    v, x0, eps = (torch.randn(3, 4, 5, 5, device=DEVICE) for _ in range(3))
+    t, w = torch.rand(3, device=DEVICE), torch.rand(3, device=DEVICE)
+    ops = torch.ops.nanodit
+    c = lambda m: m.chunk(6, 1)  # 6 x (B, D)
+    pairs = [
+        (lambda a, m: adaln.adaln_modulate(a, *c(m)[:2]), lambda a, m: ops.adaln_modulate(a, *c(m)[:2])),
+        (lambda a, m: residual.gated_residual(a, c(m)[2], y), lambda a, m: ops.gated_residual(a, c(m)[2], y)),
+        (lambda a, m: adaln.residual_adaln_modulate(a, y, c(m)[2], *c(m)[:2]),
+         lambda a, m: ops.residual_adaln_modulate(a, y, c(m)[2], *c(m)[:2])),
+        (lambda a, m: adaln.residual_adaln_modulate(a, y, None, *c(m)[:2]),
+         lambda a, m: ops.residual_adaln_modulate(a, y, None, *c(m)[:2])),
+    ]  # fmt: skip
+    for eager, op in pairs:
+        results = []
+        for fn in (eager, op):
+            a, m = x.clone().requires_grad_(True), mod.clone().requires_grad_(True)
+            outs = fn(a, m)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            results.append([*outs, *torch.autograd.grad(sum(o.square().sum() for o in outs), [a, m])])
+        assert all(torch.equal(p, q) for p, q in zip(*results))
+    results = []
+    for call in (
+        lambda vv: flow_loss.flow_loss(vv, x0, eps, t, w, 7),
+        lambda vv: ops.flow_loss(vv, x0, eps, t, w, 7, True),
+    ):
+        vv = v.clone().requires_grad_(True)
+        ps, bs, bc = call(vv)[:3]
+        results.append([ps, bs, bc, *torch.autograd.grad(ps.square().sum(), [vv])])
+    assert all(torch.equal(p, q) for p, q in zip(*results))
