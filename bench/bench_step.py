@@ -110,7 +110,9 @@ def make_step(variant: str, device):
 
     model, fwd, flow_loss, precision = build(variant, device)
     torch.backends.cuda.matmul.allow_tf32 = False
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
     opt = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-4, betas=(0.9, 0.95), fused=True)
     ema = EMA(model)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -238,18 +240,27 @@ def main() -> None:
         except Exception as e:  # a failing variant is reported, the others still run
             rows.append({"variant": v, "error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}"})
         print(json.dumps(rows[-1]), flush=True)
-    result = {**meta, "matmul_peak_tflops": peak, "workload": f"nano-step B{B} {HW}x{HW}x{C} L{L}", "rows": rows}
+    result = {
+        **meta,
+        "matmul_peak_tflops": peak,
+        "workload": f"nano-step B{B} {HW}x{HW}x{C} L{L}",
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
-          f"bf16 matmul peak {peak:.0f} TFLOP/s")
+    print(
+        f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
+        f"bf16 matmul peak {peak:.0f} TFLOP/s"
+    )
     print(f"{'variant':20s} {'ms/step':>8s} {'samples/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:20s} ERROR {r['error'][:80]}")
         else:
-            print(f"{r['variant']:20s} {r['ms_per_step']:8.2f} {r['samples_per_s']:10.0f} {r['tflops']:8.1f} "
-                  f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:7.2f}")
+            print(
+                f"{r['variant']:20s} {r['ms_per_step']:8.2f} {r['samples_per_s']:10.0f} {r['tflops']:8.1f} "
+                f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:7.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,13 @@ BACKENDS = ("auto", "flash", "cudnn", "sdpa", "flex", "math")
 # "flex" (compiled FlexAttention).  Update from `python bench/bench_attention.py` on the card.
 AUTO_TABLE: dict[tuple[int, int], dict] = {
     (9, 0): {
-        "source": "NVIDIA H200, torch 2.11.0+cu130, 2026-11 (DESIGN.md measurements)",
-        "cross": {"cudnn": 0.32, "sdpa-efficient": 0.51, "flash": 0.55, "flex": 0.86},
-        "self": {"cudnn": 0.45, "flash": 0.56, "sdpa-flash": 0.65},
+        "source": (
+            "NVIDIA H200, torch 2.11.0+cu130, cuDNN 9.19, 2026-11-27, CUDA-graph replay "
+            "(bench/results/h200-2026-11-27/attention.json); flash and flex: DESIGN.md's H200 numbers, "
+            "not re-measured"
+        ),
+        "cross": {"cudnn": 0.1807, "sdpa-efficient": 0.3085, "flash": 0.55, "flex": 0.86},
+        "self": {"cudnn": 0.2522, "sdpa-flash": 0.3703, "flash": 0.56, "sdpa-efficient": 0.8415},
     },
 }
 

@@ -103,7 +103,7 @@ class ValConfig:
     dino: str | None = None  # local path of a DINOv3 model for re-embedding outputs (real data)
     lpips_net: str = "alex"  # alex | vgg | squeeze
     lpips_weights: str | None = None  # local path of the LPIPS backbone weights
-    loss_window: int = 50  # smoothing window (logged points) for the loss criterion
+    loss_window: int = 5  # logged points averaged at each end for the loss criterion (5 x log_every steps)
     max_loss_ratio: float = 0.1  # GO needs final/initial smoothed loss below this
     max_lpips: float = 0.2
     min_dino_swap: float = 0.6  # pass-rate thresholds

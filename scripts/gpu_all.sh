@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-bash scripts/gpu_session.sh setup >/dev/null
+rm -f /tmp/site/.done; bash scripts/gpu_session.sh setup
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 echo "== kernel parity on the GPU"
 timeout 170 python3 -m pytest -q tests/kernels -p no:cacheprovider -x 2>&1 | tail -4 | tee "$OUT/kernels_tests.log"

@@ -10,7 +10,7 @@ from nanodit.config import CONFIG_DIR, ConfigError, from_dict, load_config, to_d
 @pytest.mark.parametrize("name", ["nano", "smoke", "production"])
 def test_bundled_configs_load(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
-    assert cfg.model.size == {"nano": "nano", "smoke": "tiny", "production": "production"}[name]
+    assert cfg.model.size == {"nano": "nano", "smoke": "small", "production": "production"}[name]
 
 
 def test_nano_config_is_the_plan():

@@ -14,8 +14,14 @@ from nanodit.train import TrainError, main, train
 def smoke_cfg(tmp_path, *overrides):
     return load_config(
         "smoke",
-        [f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "run.progress=false",
-         "val.at_end=false", "run.tensorboard=false", *overrides],
+        [
+            f"run.dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "run.progress=false",
+            "val.at_end=false",
+            "run.tensorboard=false",
+            *overrides,
+        ],
     )
 
 
@@ -30,8 +36,13 @@ def test_smoke_run_writes_the_run_folder_and_loss_falls(tmp_path):
     assert (run / "config.yaml").is_file() and "steps: 120" in (run / "config.yaml").read_text()
     assert (run / "summary.json").is_file() and summary["steps"] == 120
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.pt")) == [
-        "ckpt-00000050.pt", "ckpt-00000100.pt", "ckpt-00000120.pt"]
-    assert (run / "checkpoints" / "ema.safetensors").is_file() and (run / "checkpoints" / "model.safetensors").is_file()
+        "ckpt-00000050.pt",
+        "ckpt-00000100.pt",
+        "ckpt-00000120.pt",
+    ]
+    assert (run / "checkpoints" / "ema.safetensors").is_file() and (
+        run / "checkpoints" / "model.safetensors"
+    ).is_file()
     assert any((run / "tensorboard").iterdir())
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert {"loss", "lr", "samples_per_s", "ms_per_step"} <= set(rows[0])
@@ -87,9 +98,18 @@ def test_memorizes_a_handful_of_samples(tmp_path):
     final = the mean of the last 5 logged losses (steps 751-800).
     """
     cfg = smoke_cfg(
-        tmp_path, "data.synth_samples=4", "train.batch_size=4", "data.flip=false", "train.p_drop_both=0",
-        "train.p_drop_text=0", "train.p_drop_dino=0", "model.size=small", "train.steps=800", "train.lr=2e-3",
-        "train.warmup_steps=20", "train.ckpt_every=1000",
+        tmp_path,
+        "data.synth_samples=4",
+        "train.batch_size=4",
+        "data.flip=false",
+        "train.p_drop_both=0",
+        "train.p_drop_text=0",
+        "train.p_drop_dino=0",
+        "model.size=small",
+        "train.steps=800",
+        "train.lr=2e-3",
+        "train.warmup_steps=20",
+        "train.ckpt_every=1000",
     )
     train(cfg, quiet=True)
     ls = losses(tmp_path / "run")

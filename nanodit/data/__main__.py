@@ -19,7 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--samples", type=int, default=100)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=64, help="latent side of the square bucket (64: the nano shape; images are 2x the latent)")
+    s.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="latent side of the square bucket (64: the nano shape; images are 2x the latent)",
+    )
     c = sub.add_parser("check", help="count samples per bucket and report the first problem")
     c.add_argument("dir")
     args = ap.parse_args(argv)
