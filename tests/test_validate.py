@@ -21,13 +21,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_scores import alexnet_weights
 
 from nanodit import validate
 from nanodit.config import load_config
 from nanodit.data.shards import ShardWriter, read_all
 from nanodit.data.synth import Scene, ShapesCodec, flip_scene, make_dataset, render
 from nanodit.scores import load_lpips
-from tests.test_scores import alexnet_weights
 
 
 def _key(a: torch.Tensor | np.ndarray) -> bytes:
@@ -137,7 +137,7 @@ def test_case_selection_is_deterministic_and_spread(shapes) -> None:
 
 def test_read_val_samples_reads_a_bounded_prefix_per_bucket(tmp_path) -> None:
     """Validation reads at most max(4n, 32) samples per bucket, the first ones in shard order."""
-    from tests.fakedata import write_random_shards
+    from fakedata import write_random_shards
 
     write_random_shards(tmp_path, n=80)  # 40 per bucket, shards of 4
     _, full, _ = read_all(tmp_path)
