@@ -267,9 +267,11 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if validate_hook is not None and cfg.val.at_end:
-        summary["report"] = _safe_validate(
+        report = _safe_validate(
             validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics, final=True
         )
+        if report is not None:  # the scores themselves are in the report folder's scores.json
+            summary["report"] = {"path": report["path"], "decision": report["decision"]}
     metrics.close()
     loader.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
