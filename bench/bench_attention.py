@@ -30,6 +30,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode: import nanodit from the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/conftest.py helpers
+from conftest import cuda_event_times  # noqa: E402
 
 import nanodit.attention as A  # noqa: E402
 
@@ -77,20 +79,8 @@ def unavailable(name: str, case: str) -> str | None:
 
 
 def cuda_ms(fn, warmup: int = 3, reps: int = 15, inner: int = 5) -> float:
-    """Median milliseconds per call: CUDA events around ``inner`` back-to-back calls, ``reps`` times."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+    """Median milliseconds per call (CUDA events around ``inner`` back-to-back calls, ``reps`` times)."""
+    return statistics.median(cuda_event_times(fn, warmup, reps, inner))
 
 
 def graphed(step):

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import cuda_event_times  # noqa: E402  (bench/conftest.py)
 
 B, C, HW, L, DD, DT = 16, 16, 64, 256, 1024, 4096
 VARIANTS = [
@@ -140,19 +141,7 @@ def make_step(variant: str, device):
 
 
 def time_steps(step, warmup=10, windows=5, per_window=10) -> list[float]:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(windows):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(per_window):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / per_window)
-    return times
+    return cuda_event_times(step, warmup, windows, per_window)
 
 
 def matmul_peak_tflops(device) -> float:

@@ -34,6 +34,23 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def cuda_event_times(fn, warmup: int, reps: int, inner: int) -> list[float]:
+    """Milliseconds per call of ``fn``: CUDA events around ``inner`` back-to-back calls, ``reps`` times."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return times
+
+
 def machine_info() -> dict:
     import triton
 
