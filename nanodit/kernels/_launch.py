@@ -22,6 +22,9 @@ Same shapes -> same order -> bitwise the same result on every run (no atomics).
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -37,6 +40,14 @@ FWD_TILE, FWD_WARPS = 1024, 2
 BWD_TILE, BWD_WARPS = 2048, 4
 BWD_PROGRAMS_PER_SM = 4  # backward grid ~ this many programs per SM (each one token block of a sample)
 INTERPRET_TILE = 2048  # CPU interpreter: fewer, larger programs (speed there is Python's), still multi-tile
+
+
+# How the ops reach a torch.compile graph (read at trace time; tests and benchmarks flip it, then reset dynamo):
+#   "triton_op": torch.library.triton_op + wrap_triton. Inductor sees the Triton kernels and launches them from
+#                its generated code (no dispatcher, no Python launcher per call) -- the default on a GPU;
+#   "custom_op": torch.library.custom_op, an opaque node that calls the Python launchers at run time. Used
+#                whenever the kernels run in Triton's interpreter (CPU CI), which wrap_triton cannot trace.
+COMPILE_DOOR = os.environ.get("NANODIT_COMPILE_DOOR", "triton_op")
 
 
 def is_interpreted(kernel) -> bool:
@@ -114,16 +125,17 @@ def check_vec(name: str, key: str, p: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: {key} must be floating-point, got {p.dtype}")
 
 
-@triton.jit(do_not_specialize=["BD", "nblk"])
+@triton.jit(do_not_specialize=["BD", "plane", "nblk"])
 def _sum_blocks_kernel(
-    PART, OUT0, OUT1, OUT2, BD, D, nblk, K: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr
+    PART, OUT0, OUT1, OUT2, BD, plane, D, nblk, K: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr
 ):
     """OUTk[b, d] = sum_j PART[k, b, j, d]; PART (K, B, nblk, D) fp32. NB blocks at a time are loaded as
     one [NB, BLOCK] tile and tree-summed: the same order on every run."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat b * D + d
     m = offs < BD
     base = (offs // D).to(tl.int64) * nblk * D + offs % D
-    plane = BD.to(tl.int64) * nblk
+    # plane = BD * nblk comes from the host (an i64 argument when it needs one): a scalar argument may reach
+    # this code as a Python int (Inductor's mutation analysis of the kernel), which has no .to()
     js = tl.arange(0, NB)
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -143,13 +155,107 @@ def _sum_blocks_kernel(
         tl.store(OUT2 + offs, acc2.to(OUT2.dtype.element_ty), mask=m)
 
 
-def sum_blocks(part: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor, ...]:
+def target(kernel, traced: bool):
+    """What a launcher indexes with its grid: the kernel itself, or (inside a triton_op body, ``traced``) the
+    kernel wrapped so make_fx/Inductor record the launch instead of running it."""
+    return torch.library.wrap_triton(kernel) if traced else kernel
+
+
+def sum_blocks(
+    part: torch.Tensor, dtypes: tuple[torch.dtype, ...], traced: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Second stage: (K, B, nblk, D) fp32 partials -> K separate (B, D) tensors in ``dtypes``, fixed order."""
     K, B, nblk, D = part.shape
     outs = tuple(torch.empty((B, D), dtype=dt, device=part.device) for dt in dtypes)
-    o = outs + (outs[0],) * (3 - K)  # unused pointers when K < 3
+    # unused pointers when K < 3: the (read-only) partials, never an output -- two arguments aliasing one
+    # output would be two separate results after functionalization (Inductor's view of the kernel)
+    o = outs + (part,) * (3 - K)
     block, nb = 128, min(32, triton.next_power_of_2(nblk))
-    _sum_blocks_kernel[(triton.cdiv(B * D, block),)](
-        part, o[0], o[1], o[2], B * D, D, nblk, K=K, NB=nb, BLOCK=block, num_warps=4
+    target(_sum_blocks_kernel, traced)[(triton.cdiv(B * D, block),)](
+        part, o[0], o[1], o[2], B * D, B * D * nblk, D, nblk, K=K, NB=nb, BLOCK=block, num_warps=4
     )
     return outs
+
+
+_SCHEMA_TYPES = {
+    "Tensor": torch.Tensor,
+    "Tensor?": torch.Tensor | None,
+    "int": int,
+    "bool": bool,
+    "float": float,
+    "ScalarType": torch.dtype,
+}
+
+
+def signature_of(schema: str) -> inspect.Signature:
+    """The annotated Python signature of an op schema such as ``(Tensor x, Tensor? g, int n) -> (Tensor, Tensor)``
+    (only the types our ops use)."""
+    args, ret = schema.split("->")
+    params = []
+    for arg in filter(None, (a.strip() for a in args.strip()[1:-1].split(","))):
+        typ, name = arg.rsplit(" ", 1)
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_SCHEMA_TYPES[typ])
+        )
+    outs = [_SCHEMA_TYPES[r.strip()] for r in ret.strip().strip("()").split(",")]
+    return inspect.Signature(params, return_annotation=outs[0] if len(outs) == 1 else tuple[tuple(outs)])
+
+
+class CompileDoors:
+    """The two torch.compile doors of one fused op (see COMPILE_DOOR), registered from one formula.
+
+    ``fwd(*args, traced=False)`` and ``bwd(*args, traced=False)`` are the launchers; ``setup_context`` and
+    ``backward(ctx, *grads, bwd_op)`` the autograd formula the eager autograd.Function uses too. Registers
+    ``nanodit::{name}`` / ``{name}_bwd`` (custom ops, with the given fake impls) and ``nanodit::{name}_tt`` /
+    ``{name}_bwd_tt`` (triton ops: fake impls derived by tracing the launchers with fake tensors).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        probe: object,
+        fwd: Callable,
+        bwd: Callable,
+        fwd_schema: str,
+        bwd_schema: str,
+        fake_fwd: Callable,
+        fake_bwd: Callable,
+        setup_context: Callable,
+        backward: Callable,
+    ):
+        self.interpreted = is_interpreted(
+            probe
+        )  # a bool, fixed at import (dynamo cannot isinstance a kernel)
+
+        def doors(suffix: str, traced: bool, register: Callable):
+            f = register(f"nanodit::{name}{suffix}", lambda *a, **k: fwd(*a, **k, traced=traced), fwd_schema)
+            b = register(
+                f"nanodit::{name}_bwd{suffix}", lambda *a, **k: bwd(*a, **k, traced=traced), bwd_schema
+            )
+            return f, b
+
+        def custom(qualname, fn, schema):
+            return torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema)
+
+        def triton_op(qualname, fn, schema):
+            # torch <= 2.11 infers a triton op's schema from the Python signature even when one is given
+            fn.__signature__ = signature_of(schema)
+            return torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
+
+        self.custom, custom_bwd = doors("", False, custom)
+        self.custom.register_fake(fake_fwd)
+        custom_bwd.register_fake(fake_bwd)
+        self.triton, triton_bwd = doors("_tt", True, triton_op)
+        for op, bop in ((self.custom, custom_bwd), (self.triton, triton_bwd)):
+            op.register_autograd(
+                functools.partial(_backward_with, backward, bop), setup_context=setup_context
+            )
+
+    def __call__(self, *args):
+        """The op inside a torch.compile trace."""
+        use_triton = COMPILE_DOOR == "triton_op" and not self.interpreted
+        return (self.triton if use_triton else self.custom)(*args)
+
+
+def _backward_with(backward: Callable, bwd_op: Callable, ctx, *grads):
+    return backward(ctx, *grads, bwd_op)

@@ -6,8 +6,9 @@
 x, y (B, T, D), any float dtype, any B/T strides; shift, scale, gate (B, D), e.g. ``chunk()`` slices of
 one (B, 6D) adaLN output. LayerNorm has no affine and eps 1e-6; statistics and sums are fp32; outputs
 are in the input dtype. Eager calls run an ``autograd.Function``; under torch.compile the same code is a
-``torch.library.custom_op`` with autograd, traced without a graph break. CPU tensors run through
-Triton's interpreter (``TRITON_INTERPRET=1``).
+``torch.library`` op with autograd (a triton op on a GPU, a custom op under the interpreter; see
+``_launch.CompileDoors``), traced without a graph break. CPU tensors run through Triton's interpreter
+(``TRITON_INTERPRET=1``).
 
 Bytes model (e = bytes per element, N = B*T*D; the (B, D) vectors and fp32 partials are not counted):
 | op | forward | backward |
@@ -51,7 +52,7 @@ def _ln_rows(x, mask, D, eps):
 @triton.jit(do_not_specialize=["T"])
 def _modulate_fwd_kernel(
     X, SHIFT, SCALE, H,
-    T, D, s_xb, s_xt, s_shb, s_scb, eps,
+    T, D, s_xb, s_xt, s_shb, s_scb, EPS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)
@@ -62,7 +63,7 @@ def _modulate_fwd_kernel(
     shift = tl.load(SHIFT + b * s_shb + cols, mask=cmask, other=0.0).to(tl.float32)
     scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
     x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    xhat, _ = _ln_rows(x, mask, D, eps)
+    xhat, _ = _ln_rows(x, mask, D, EPS)
     h = xhat * scale1[None, :] + shift[None, :]
     out = (b * T + rows[:, None]) * D + cols[None, :]  # outputs are contiguous (B, T, D)
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
@@ -71,7 +72,7 @@ def _modulate_fwd_kernel(
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _modulate_bwd_kernel(
     DH, X, SCALE, DX, PART,
-    T, D, tiles, s_dhb, s_dht, s_xb, s_xt, s_scb, eps,
+    T, D, tiles, s_dhb, s_dht, s_xb, s_xt, s_scb, EPS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
@@ -91,7 +92,7 @@ def _modulate_bwd_kernel(
         nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
         nx = tl.load(X + b * s_xb + nrows[:, None] * s_xt + cols[None, :], mask=nmask, other=0.0)
         ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
-        xhat, rstd = _ln_rows(x.to(tl.float32), mask, D, eps)
+        xhat, rstd = _ln_rows(x.to(tl.float32), mask, D, EPS)
         g32 = dh.to(tl.float32)
         g = g32 * scale1[None, :]
         c1 = tl.sum(g * xhat, axis=1) / D
@@ -109,7 +110,7 @@ def _modulate_bwd_kernel(
 @triton.jit(do_not_specialize=["T"])
 def _residual_modulate_fwd_kernel(
     X, Y, GATE, SHIFT, SCALE, XN, H,
-    T, D, s_xb, s_xt, s_yb, s_yt, s_gb, s_shb, s_scb, eps,
+    T, D, s_xb, s_xt, s_yb, s_yt, s_gb, s_shb, s_scb, EPS: tl.constexpr,
     HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(1).to(tl.int64)
@@ -128,7 +129,7 @@ def _residual_modulate_fwd_kernel(
     xn = (x + y).to(XN.dtype.element_ty)
     tl.store(XN + out, xn, mask=mask)
     # normalise the stored (rounded) x_new, as the reference does and as the backward recomputes
-    xhat, _ = _ln_rows(xn.to(tl.float32), mask, D, eps)
+    xhat, _ = _ln_rows(xn.to(tl.float32), mask, D, EPS)
     h = xhat * scale1[None, :] + shift[None, :]
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
 
@@ -136,7 +137,7 @@ def _residual_modulate_fwd_kernel(
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _residual_modulate_bwd_kernel(
     DXN, DH, XN, Y, GATE, SCALE, DX, DY, PART,
-    T, D, tiles, s_dxnb, s_dxnt, s_dhb, s_dht, s_yb, s_yt, s_gb, s_scb, eps,
+    T, D, tiles, s_dxnb, s_dxnt, s_dhb, s_dht, s_yb, s_yt, s_gb, s_scb, EPS: tl.constexpr,
     HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
@@ -170,7 +171,7 @@ def _residual_modulate_bwd_kernel(
         else:
             ny = ndh
         own = (b * T + rows[:, None]) * D + cols[None, :]  # x_new, dx, dy: contiguous (B, T, D)
-        xhat, rstd = _ln_rows(xn.to(tl.float32), mask, D, eps)
+        xhat, rstd = _ln_rows(xn.to(tl.float32), mask, D, EPS)
         g32 = dh.to(tl.float32)
         g = g32 * scale1[None, :]
         c1 = tl.sum(g * xhat, axis=1) / D
@@ -195,13 +196,15 @@ def _residual_modulate_bwd_kernel(
 # launchers (plain functions on tensors; the custom ops below wrap them)
 
 
-def _modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _modulate_fwd(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, traced: bool = False
+) -> torch.Tensor:
     L.check_device(_modulate_fwd_kernel, x, shift, scale)
     x, shift, scale = L.rows3d(x), L.rows2d(shift), L.rows2d(scale)
     B, T, D = x.shape
     h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
-    _modulate_fwd_kernel[(triton.cdiv(T, rows), B)](
+    L.target(_modulate_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
         x, shift, scale, h, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), LN_EPS,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -209,7 +212,7 @@ def _modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
 
 
 def _modulate_bwd(
-    dh: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    dh: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, scale, dh = L.rows3d(x), L.rows2d(scale), L.rows3d(dh)
     B, T, D = x.shape
@@ -217,17 +220,22 @@ def _modulate_bwd(
     nblk, tiles = L.t_blocks(B, T, rows, x.device)
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     part = torch.empty((2, B, nblk, D), dtype=torch.float32, device=x.device)
-    _modulate_bwd_kernel[(nblk, B)](
+    L.target(_modulate_bwd_kernel, traced)[(nblk, B)](
         dh, x, scale, dx, part, T, D, tiles,
         dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0), LN_EPS,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype))  # 2 x (B, D)
+    dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
     return dx, dshift, dscale
 
 
 def _residual_modulate_fwd(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     L.check_device(_residual_modulate_fwd_kernel, x, y, gate, shift, scale)
     x, y, shift, scale = L.rows3d(x), L.rows3d(y), L.rows2d(shift), L.rows2d(scale)
@@ -240,7 +248,7 @@ def _residual_modulate_fwd(
     h = torch.empty((B, T, D), dtype=dtype, device=x.device)
     block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
     g = shift if gate is None else gate  # any pointer: unused when HAS_GATE is False
-    _residual_modulate_fwd_kernel[(triton.cdiv(T, rows), B)](
+    L.target(_residual_modulate_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
         x, y, g, shift, scale, xn, h, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         g.stride(0), shift.stride(0), scale.stride(0), LN_EPS,
         HAS_GATE=gate is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
@@ -257,6 +265,7 @@ def _residual_modulate_bwd(
     shift: torch.Tensor,
     scale: torch.Tensor,
     x_dtype: torch.dtype,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx, dy, dgate, dshift, dscale; without a gate (y is then None) dy and dgate are empty: dy = dx."""
     dxn, dh, scale = L.rows3d(dxn), L.rows3d(dh), L.rows2d(scale)
@@ -270,25 +279,28 @@ def _residual_modulate_bwd(
     dy = torch.empty((B, T, D) if has_gate else (0,), dtype=y.dtype, device=xn.device)
     part = torch.empty((3 if has_gate else 2, B, nblk, D), dtype=torch.float32, device=xn.device)
     g = scale if gate is None else gate
-    _residual_modulate_bwd_kernel[(nblk, B)](
+    L.target(_residual_modulate_bwd_kernel, traced)[(nblk, B)](
         dxn, dh, xn, y, g, scale, dx, dy, part, T, D, tiles,
         dxn.stride(0), dxn.stride(1), dh.stride(0), dh.stride(1), y.stride(0), y.stride(1),
         g.stride(0), scale.stride(0), LN_EPS,
         HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     if has_gate:
-        dscale, dshift, dgate = L.sum_blocks(part, (scale.dtype, shift.dtype, gate.dtype))  # 3 x (B, D)
+        dscale, dshift, dgate = L.sum_blocks(
+            part, (scale.dtype, shift.dtype, gate.dtype), traced
+        )  # 3 x (B, D)
     else:
-        dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype))  # 2 x (B, D)
+        dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
         dgate = part.new_empty((0,))
     return dx, dy, dgate, dshift, dscale
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd: one formula, two doors. Eager calls go through an autograd.Function straight to the
-# launchers (the least host time per call); under torch.compile the same formulas sit behind
-# torch.library custom ops, which Dynamo traces as single nodes (no graph break) and AOTAutograd
-# differentiates with the backward op below.
+# autograd: one formula, three doors. Eager calls go through an autograd.Function straight to the
+# launchers (the least host time per call); under torch.compile the same formulas sit behind torch.library
+# ops (L.CompileDoors): triton ops on a GPU (Inductor launches the kernels itself), custom ops under the
+# interpreter. Dynamo traces either as single nodes (no graph break); AOTAutograd differentiates them
+# with the backward ops.
 
 
 def _modulate_setup(ctx, inputs, output):
@@ -339,66 +351,36 @@ class _ResidualModulate(torch.autograd.Function):
         return _residual_modulate_backward(ctx, dxn, dh, _residual_modulate_bwd)
 
 
-@torch.library.custom_op(
-    "nanodit::adaln_modulate", mutates_args=(), schema="(Tensor x, Tensor shift, Tensor scale) -> Tensor"
-)
-def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _modulate_fwd(x, shift, scale)
-
-
-@_modulate_op.register_fake
-def _(x, shift, scale):
+def _modulate_fake(x, shift, scale):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op(
-    "nanodit::adaln_modulate_bwd",
-    mutates_args=(),
-    schema="(Tensor dh, Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor, Tensor)",
-)
-def _modulate_bwd_op(dh, x, shift, scale):
-    return _modulate_bwd(dh, x, shift, scale)
-
-
-@_modulate_bwd_op.register_fake
-def _(dh, x, shift, scale):
+def _modulate_bwd_fake(dh, x, shift, scale):
     return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
 
 
-_modulate_op.register_autograd(
-    lambda ctx, dh: _modulate_backward(ctx, dh, _modulate_bwd_op), setup_context=_modulate_setup
+_MODULATE = L.CompileDoors(
+    "adaln_modulate",
+    _modulate_fwd_kernel,
+    _modulate_fwd,
+    _modulate_bwd,
+    "(Tensor x, Tensor shift, Tensor scale) -> Tensor",
+    "(Tensor dh, Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor, Tensor)",
+    _modulate_fake,
+    _modulate_bwd_fake,
+    _modulate_setup,
+    _modulate_backward,
 )
 
 
-@torch.library.custom_op(
-    "nanodit::residual_adaln_modulate",
-    mutates_args=(),
-    schema="(Tensor x, Tensor y, Tensor? gate, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
-)
-def _residual_modulate_op(x, y, gate, shift, scale):
-    return _residual_modulate_fwd(x, y, gate, shift, scale)
-
-
-@_residual_modulate_op.register_fake
-def _(x, y, gate, shift, scale):
+def _residual_modulate_fake(x, y, gate, shift, scale):
     dtype = torch.promote_types(
         x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
     )
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
 
-@torch.library.custom_op(
-    "nanodit::residual_adaln_modulate_bwd",
-    mutates_args=(),
-    schema="(Tensor dxn, Tensor dh, Tensor xn, Tensor? y, Tensor? gate, Tensor shift, Tensor scale, "
-    "ScalarType x_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
-def _residual_modulate_bwd_op(dxn, dh, xn, y, gate, shift, scale, x_dtype):
-    return _residual_modulate_bwd(dxn, dh, xn, y, gate, shift, scale, x_dtype)
-
-
-@_residual_modulate_bwd_op.register_fake
-def _(dxn, dh, xn, y, gate, shift, scale, x_dtype):
+def _residual_modulate_bwd_fake(dxn, dh, xn, y, gate, shift, scale, x_dtype):
     has_gate = gate is not None
     return (
         xn.new_empty(xn.shape, dtype=x_dtype),
@@ -409,9 +391,18 @@ def _(dxn, dh, xn, y, gate, shift, scale, x_dtype):
     )
 
 
-_residual_modulate_op.register_autograd(
-    lambda ctx, dxn, dh: _residual_modulate_backward(ctx, dxn, dh, _residual_modulate_bwd_op),
-    setup_context=_residual_modulate_setup,
+_RESIDUAL_MODULATE = L.CompileDoors(
+    "residual_adaln_modulate",
+    _residual_modulate_fwd_kernel,
+    _residual_modulate_fwd,
+    _residual_modulate_bwd,
+    "(Tensor x, Tensor y, Tensor? gate, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
+    "(Tensor dxn, Tensor dh, Tensor xn, Tensor? y, Tensor? gate, Tensor shift, Tensor scale, "
+    "ScalarType x_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _residual_modulate_fake,
+    _residual_modulate_bwd_fake,
+    _residual_modulate_setup,
+    _residual_modulate_backward,
 )
 
 
@@ -425,7 +416,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) ->
     L.check_vec("adaln_modulate", "shift", shift, x)
     L.check_vec("adaln_modulate", "scale", scale, x)
     if torch.compiler.is_compiling():
-        return _modulate_op(x, shift, scale)  # (B, T, D)
+        return _MODULATE(x, shift, scale)  # (B, T, D)
     return _Modulate.apply(x, shift, scale)  # (B, T, D)
 
 
@@ -446,5 +437,5 @@ def residual_adaln_modulate(
         if p is not None:
             L.check_vec("residual_adaln_modulate", key, p, x)
     if torch.compiler.is_compiling():
-        return _residual_modulate_op(x, y, gate, shift, scale)  # 2 x (B, T, D)
+        return _RESIDUAL_MODULATE(x, y, gate, shift, scale)  # 2 x (B, T, D)
     return _ResidualModulate.apply(x, y, gate, shift, scale)  # 2 x (B, T, D)

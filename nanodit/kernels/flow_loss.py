@@ -11,7 +11,8 @@ One launch computes per-block partial sums of the squared error and writes dL/dv
 * weight[b] (N elements per sample) in v's dtype; a second, one-program launch adds the partials in a
 fixed order, applies the weight and fills the t-bins. The backward is one scaled copy of the saved
 gradient: dv = saved * grad_output[b]. Under ``torch.no_grad``, or when v needs no gradient, the dL/dv
-write is skipped. Eager calls run an ``autograd.Function``; under torch.compile a custom op.
+write is skipped. Eager calls run an ``autograd.Function``; under torch.compile a library op (a triton op on
+a GPU, a custom op under the interpreter; see ``_launch.CompileDoors``).
 
 Bytes model (e = bytes per element, M = B*N):
 | direction | traffic |
@@ -41,12 +42,12 @@ WARPS = 4
 @triton.jit(do_not_specialize=["tiles"])
 def _flow_loss_fwd_kernel(
     V, X0, EPS, W, G, PART,
-    N, tiles, s_vb, s_xb, s_eb, s_wb, inv_n,
+    N, tiles, s_vb, s_xb, s_eb, s_wb,
     HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
-    coef = 2.0 * inv_n
+    coef = 2.0 / N  # from the int N: a float argument would reach Inductor-launched kernels as fp64
     if HAS_WEIGHT:
         coef = coef * tl.load(W + b * s_wb).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -66,7 +67,7 @@ def _flow_loss_fwd_kernel(
 @triton.jit(do_not_specialize=["B", "nblk"])
 def _flow_finish_kernel(
     PART, W, TT, PS, BSUM, BCNT,
-    B, nblk, nbins, s_wb, s_tb, inv_n,
+    B, nblk, nbins, s_wb, s_tb, N,
     HAS_WEIGHT: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr,
 ):  # fmt: skip
     """One program: per-sample sums of the partials in block order, the weight, and the t-bin sums
@@ -80,7 +81,7 @@ def _flow_finish_kernel(
         raw = tl.zeros([BLOCK_B], dtype=tl.float32)
         for j in range(nblk):
             raw += tl.load(PART + bs.to(tl.int64) * nblk + j, mask=m, other=0.0)
-        raw = raw * inv_n  # unweighted per-sample mean
+        raw = raw / N  # unweighted per-sample mean
         ps = raw
         if HAS_WEIGHT:
             ps = raw * tl.load(W + bs * s_wb, mask=m, other=0.0).to(tl.float32)
@@ -119,6 +120,7 @@ def _flow_loss_fwd(
     weight: torch.Tensor | None,
     nbins: int,
     need_grad: bool,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> per_sample (B,), bin_sum (nbins,), bin_count (nbins,), dL/dv shaped like v (empty without grad)."""
     L.check_device(_flow_loss_fwd_kernel, v, x0, eps, t, weight)
@@ -131,25 +133,25 @@ def _flow_loss_fwd(
     nblk = triton.cdiv(n_tiles, tiles)
     grad = torch.empty(v.shape if need_grad else (0,), dtype=v.dtype, device=v.device)
     part = torch.empty((B, nblk), dtype=torch.float32, device=v.device)
-    w = part if weight is None else weight  # any pointer: unused without a weight
-    _flow_loss_fwd_kernel[(nblk, B)](
-        v2, x2, e2, w, grad, part, N, tiles, v2.stride(0), x2.stride(0), e2.stride(0), w.stride(0), 1.0 / N,
+    w = t if weight is None else weight  # any read-only pointer: unused without a weight
+    L.target(_flow_loss_fwd_kernel, traced)[(nblk, B)](
+        v2, x2, e2, w, grad, part, N, tiles, v2.stride(0), x2.stride(0), e2.stride(0), w.stride(0),
         HAS_WEIGHT=weight is not None, WRITE_GRAD=need_grad, BLOCK=BLOCK, num_warps=WARPS,
     )  # fmt: skip
     per_sample = torch.empty((B,), dtype=torch.float32, device=v.device)
     bin_sum, bin_count = (torch.empty((nbins,), dtype=torch.float32, device=v.device) for _ in range(2))
-    _flow_finish_kernel[(1,)](
-        part, w, t, per_sample, bin_sum, bin_count, B, nblk, nbins, w.stride(0), t.stride(0), 1.0 / N,
+    L.target(_flow_finish_kernel, traced)[(1,)](
+        part, w, t, per_sample, bin_sum, bin_count, B, nblk, nbins, w.stride(0), t.stride(0), N,
         HAS_WEIGHT=weight is not None, BLOCK_B=128, NB=triton.next_power_of_2(nbins), num_warps=4,
     )  # fmt: skip
     return per_sample, bin_sum, bin_count, grad
 
 
-def _flow_loss_bwd(grad: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+def _flow_loss_bwd(grad: torch.Tensor, go: torch.Tensor, traced: bool = False) -> torch.Tensor:
     B = grad.shape[0]
     N = grad.numel() // B
     dv = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    _scale_rows_kernel[(triton.cdiv(N, BLOCK), B)](
+    L.target(_scale_rows_kernel, traced)[(triton.cdiv(N, BLOCK), B)](
         grad, go, dv, N, go.stride(0), BLOCK=BLOCK, num_warps=WARPS
     )
     return dv
@@ -169,7 +171,7 @@ def _flow_loss_backward(ctx, go, bwd):
 
 
 class _FlowLoss(torch.autograd.Function):
-    """Eager door: straight to the launchers. Under torch.compile the custom op below is used."""
+    """Eager door: straight to the launchers. Under torch.compile the library ops below are used."""
 
     @staticmethod
     def forward(ctx, v, x0, eps, t, weight, nbins, need_grad):
@@ -185,37 +187,27 @@ class _FlowLoss(torch.autograd.Function):
         return _flow_loss_backward(ctx, go, _flow_loss_bwd)
 
 
-@torch.library.custom_op(
-    "nanodit::flow_loss",
-    mutates_args=(),
-    schema="(Tensor v, Tensor x0, Tensor eps, Tensor t, Tensor? weight, int nbins, bool need_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _flow_loss_op(v, x0, eps, t, weight, nbins, need_grad):
-    return _flow_loss_fwd(v, x0, eps, t, weight, nbins, need_grad)
-
-
-@_flow_loss_op.register_fake
-def _(v, x0, eps, t, weight, nbins, need_grad):
+def _flow_loss_fake(v, x0, eps, t, weight, nbins, need_grad):
     vec = lambda n: v.new_empty((n,), dtype=torch.float32)
     return vec(v.shape[0]), vec(nbins), vec(nbins), v.new_empty(v.shape if need_grad else (0,))
 
 
-@torch.library.custom_op(
-    "nanodit::flow_loss_bwd", mutates_args=(), schema="(Tensor grad, Tensor go) -> Tensor"
-)
-def _flow_loss_bwd_op(grad, go):
-    return _flow_loss_bwd(grad, go)
-
-
-@_flow_loss_bwd_op.register_fake
-def _(grad, go):
+def _flow_loss_bwd_fake(grad, go):
     return grad.new_empty(grad.shape)
 
 
-_flow_loss_op.register_autograd(
-    lambda ctx, go, _bs, _bc, _g: _flow_loss_backward(ctx, go, _flow_loss_bwd_op),
-    setup_context=_flow_loss_setup,
+_FLOW_LOSS = L.CompileDoors(
+    "flow_loss",
+    _flow_loss_fwd_kernel,
+    _flow_loss_fwd,
+    _flow_loss_bwd,
+    "(Tensor v, Tensor x0, Tensor eps, Tensor t, Tensor? weight, int nbins, bool need_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor grad, Tensor go) -> Tensor",
+    _flow_loss_fake,
+    _flow_loss_bwd_fake,
+    _flow_loss_setup,
+    lambda ctx, go, _bs, _bc, _g, bwd: _flow_loss_backward(ctx, go, bwd),
 )
 
 
@@ -251,6 +243,6 @@ def flow_loss(
         nbins,
         need_grad,
     )
-    op = _flow_loss_op if torch.compiler.is_compiling() else _FlowLoss.apply
+    op = _FLOW_LOSS if torch.compiler.is_compiling() else _FlowLoss.apply
     per_sample, bin_sum, bin_count, _ = op(*args)  # (B,), (nbins,), (nbins,), dL/dv
     return per_sample, bin_sum, bin_count

@@ -71,7 +71,9 @@ def _gated_residual_bwd_kernel(
     tl.store(PART + (b * nblk + blk) * D + cols, tl.sum(acc, axis=0), mask=cmask)  # PART (B, nblk, D)
 
 
-def _gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _gated_residual_fwd(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, traced: bool = False
+) -> torch.Tensor:
     L.check_device(_gated_residual_fwd_kernel, x, gate, y)
     x, gate, y = L.rows3d(x), L.rows2d(gate), L.rows3d(y)
     B, T, D = x.shape
@@ -80,7 +82,7 @@ def _gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) ->
     block_d, rows, warps = L.row_config(
         D, bwd=False, interpreted=L.is_interpreted(_gated_residual_fwd_kernel)
     )
-    _gated_residual_fwd_kernel[(triton.cdiv(T, rows), B)](
+    L.target(_gated_residual_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
         x, gate, y, out, T, D, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -88,7 +90,7 @@ def _gated_residual_fwd(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) ->
 
 
 def _gated_residual_bwd(
-    dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+    dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dout, gate, y = L.rows3d(dout), L.rows2d(gate), L.rows3d(y)
     B, T, D = y.shape
@@ -96,12 +98,12 @@ def _gated_residual_bwd(
     nblk, tiles = L.t_blocks(B, T, rows, y.device)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
     part = torch.empty((B, nblk, D), dtype=torch.float32, device=y.device)
-    _gated_residual_bwd_kernel[(nblk, B)](
+    L.target(_gated_residual_bwd_kernel, traced)[(nblk, B)](
         dout, gate, y, dy, part, T, D, tiles,
         dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    (dgate,) = L.sum_blocks(part[None], (gate.dtype,))  # (B, D)
+    (dgate,) = L.sum_blocks(part[None], (gate.dtype,), traced)  # (B, D)
     return dy, dgate
 
 
@@ -118,7 +120,7 @@ def _gated_residual_backward(ctx, dout, bwd):
 
 
 class _GatedResidual(torch.autograd.Function):
-    """Eager door: straight to the launchers. Under torch.compile the custom op below is used."""
+    """Eager door: straight to the launchers. Under torch.compile the library ops below are used."""
 
     @staticmethod
     def forward(ctx, x, gate, y):
@@ -131,35 +133,25 @@ class _GatedResidual(torch.autograd.Function):
         return _gated_residual_backward(ctx, dout, _gated_residual_bwd)
 
 
-@torch.library.custom_op(
-    "nanodit::gated_residual", mutates_args=(), schema="(Tensor x, Tensor gate, Tensor y) -> Tensor"
-)
-def _gated_residual_op(x, gate, y):
-    return _gated_residual_fwd(x, gate, y)
-
-
-@_gated_residual_op.register_fake
-def _(x, gate, y):
+def _gated_residual_fake(x, gate, y):
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype)))
 
 
-@torch.library.custom_op(
-    "nanodit::gated_residual_bwd",
-    mutates_args=(),
-    schema="(Tensor dout, Tensor gate, Tensor y) -> (Tensor, Tensor)",
-)
-def _gated_residual_bwd_op(dout, gate, y):
-    return _gated_residual_bwd(dout, gate, y)
-
-
-@_gated_residual_bwd_op.register_fake
-def _(dout, gate, y):
+def _gated_residual_bwd_fake(dout, gate, y):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-_gated_residual_op.register_autograd(
-    lambda ctx, dout: _gated_residual_backward(ctx, dout, _gated_residual_bwd_op),
-    setup_context=_gated_residual_setup,
+_GATED_RESIDUAL = L.CompileDoors(
+    "gated_residual",
+    _gated_residual_fwd_kernel,
+    _gated_residual_fwd,
+    _gated_residual_bwd,
+    "(Tensor x, Tensor gate, Tensor y) -> Tensor",
+    "(Tensor dout, Tensor gate, Tensor y) -> (Tensor, Tensor)",
+    _gated_residual_fake,
+    _gated_residual_bwd_fake,
+    _gated_residual_setup,
+    _gated_residual_backward,
 )
 
 
@@ -170,5 +162,5 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
         raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     L.check_vec("gated_residual", "gate", gate, x)
     if torch.compiler.is_compiling():
-        return _gated_residual_op(x, gate, y)  # (B, T, D)
+        return _GATED_RESIDUAL(x, gate, y)  # (B, T, D)
     return _GatedResidual.apply(x, gate, y)  # (B, T, D)

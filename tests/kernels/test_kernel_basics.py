@@ -112,25 +112,27 @@ def test_backward_is_bitwise_deterministic():
     assert all(torch.equal(first, grads()) for _ in range(2))
 
 
-def test_custom_ops_pass_opcheck():
-    """torch.library.opcheck: schemas, fake (meta) impls, autograd registration and AOT dispatch agree."""
+@pytest.mark.parametrize("suffix", ["", pytest.param("_tt", marks=pytest.mark.gpu)], ids=["custom", "triton"])
+def test_custom_ops_pass_opcheck(suffix):
+    """torch.library.opcheck: schemas, fake (meta) impls, autograd registration and AOT dispatch agree, for
+    both compile doors (custom ops; triton ops, GPU only)."""
     x, y = torch.randn(2, 5, 48, device=DEVICE, requires_grad=True), torch.randn(2, 5, 48, device=DEVICE)
     shift, scale, gate = (p.requires_grad_(True) for p in make_vecs(2, 48, 3, torch.float32, False))
     v, x0 = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True), torch.randn(2, 3, 4, 4, device=DEVICE)
-    ops = torch.ops.nanodit
+    op = lambda name: getattr(torch.ops.nanodit, name + suffix)
     calls = [
-        (ops.adaln_modulate, (x, shift, scale)),
-        (ops.gated_residual, (x, gate, y)),
-        (ops.residual_adaln_modulate, (x, y, gate, shift, scale)),
-        (ops.residual_adaln_modulate, (x, y, None, shift, scale)),
-        (ops.flow_loss, (v, x0, x0, torch.rand(2, device=DEVICE), None, 10, True)),
+        (op("adaln_modulate"), (x, shift, scale)),
+        (op("gated_residual"), (x, gate, y)),
+        (op("residual_adaln_modulate"), (x, y, gate, shift, scale)),
+        (op("residual_adaln_modulate"), (x, y, None, shift, scale)),
+        (op("flow_loss"), (v, x0, x0, torch.rand(2, device=DEVICE), None, 10, True)),
         (
-            ops.flow_loss,
+            op("flow_loss"),
             (v.detach(), x0, x0, torch.rand(2, device=DEVICE), torch.rand(2, device=DEVICE), 3, False),
         ),
     ]
-    for op, args in calls:
-        torch.library.opcheck(op, args)
+    for fn, args in calls:
+        torch.library.opcheck(fn, args)
 
 
 def test_reference_twins_are_the_ones_beside_the_kernels():
