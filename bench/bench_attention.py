@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode: import nanodit from the repo
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/conftest.py helpers
-from conftest import cuda_event_times  # noqa: E402
+from conftest import cuda_event_times, cuda_graph  # noqa: E402
 
 import nanodit.attention as A  # noqa: E402
 
@@ -84,17 +84,8 @@ def cuda_ms(fn, warmup: int = 3, reps: int = 15, inner: int = 5) -> float:
 
 
 def graphed(step):
-    """Capture one call of ``step`` in a CUDA graph (warm-up on a side stream first, as torch asks)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    """Capture one call of ``step`` in a CUDA graph (bench/conftest.py) -> its replay."""
+    return cuda_graph(step)[0]
 
 
 def prepare(case: str, name: str, mode: str):
@@ -181,11 +172,79 @@ def test_attention_fwd_bwd(benchmark, bench_meta, case, name, mode):
 # script mode
 
 
+def _print_row(row: dict) -> None:
+    note = row.get("error") or row.get("skipped") or row.get("auto_plan", "")
+    print(
+        f"{row['case']:5} {row['provider']:14} {row['mode']:5} {row.get('fwd_ms', ''):>7} "
+        f"{row.get('ms', ''):>10} {row.get('tflops', ''):>8}  {note}",
+        flush=True,
+    )
+
+
+def provider_rows(names: list[str], budget_s: float) -> list[dict]:
+    """Every (provider, case, mode) row, measured in this process."""
+    t0, rows = time.time(), []
+    for name in names:
+        for case in ("cross", "self"):
+            for mode in MODES:
+                reason = unavailable(name, case)
+                if reason is None and time.time() - t0 > budget_s:
+                    reason = f"time budget {budget_s:.0f} s spent"
+                row = (
+                    dict(case=case, provider=name, mode=mode, skipped=reason)
+                    if reason
+                    else measure(case, name, mode)[0]
+                )
+                rows.append(row)
+                torch.cuda.empty_cache()
+                _print_row(row)
+    return rows
+
+
+def isolated_rows(names: list[str], budget_s: float) -> list[dict]:
+    """The same rows, one subprocess per provider: a crash is recorded as that provider's error."""
+    import subprocess
+    import tempfile
+
+    t0, rows = time.time(), []
+    for name in names:
+        left = budget_s - (time.time() - t0)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            proc = subprocess.run(
+                [sys.executable, __file__, "--no-isolate", "--providers", name, "--budget-s", str(max(left, 0.0)),
+                 "--json", str(out)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if out.exists():
+                got = json.loads(out.read_text())["rows"]
+            else:
+                tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][
+                    -1:
+                ] or [""]
+                err = f"subprocess exited {proc.returncode}: {tail[0][:200]}"
+                got = [
+                    dict(case=c, provider=name, mode=m, error=err) for c in ("cross", "self") for m in MODES
+                ]
+        for row in got:
+            _print_row(row)
+        rows += got
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the rows and the summary here")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--budget-s", type=float, default=170.0, help="skip what is left after this")
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="measure every provider in this process (default: one subprocess per provider, so that a "
+        "backend that faults the CUDA context -- an illegal memory access poisons every later call -- "
+        "costs only its own rows)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention: needs a CUDA GPU")
@@ -194,27 +253,12 @@ def main() -> None:
 
     meta = {**machine_info(), **versions(), "date": time.strftime("%Y-%m-%d"), "flops": CONVENTION}
     print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
-    t0, rows = time.time(), []
     print(f"{'case':5} {'provider':14} {'mode':5} {'fwd ms':>7} {'fwd+bwd ms':>10} {'TFLOP/s':>8}  note")
-    for name in args.providers.split(","):  # provider first: the slow-to-compile ones come last
-        for case in ("cross", "self"):
-            for mode in MODES:
-                reason = unavailable(name, case)
-                if reason is None and time.time() - t0 > args.budget_s:
-                    reason = f"time budget {args.budget_s:.0f} s spent"
-                row = (
-                    dict(case=case, provider=name, mode=mode, skipped=reason)
-                    if reason
-                    else measure(case, name, mode)[0]
-                )
-                rows.append(row)
-                torch.cuda.empty_cache()
-                note = row.get("error") or row.get("skipped") or row.get("auto_plan", "")
-                print(
-                    f"{case:5} {name:14} {mode:5} {row.get('fwd_ms', ''):>7} {row.get('ms', ''):>10} "
-                    f"{row.get('tflops', ''):>8}  {note}",
-                    flush=True,
-                )
+    names = args.providers.split(",")  # provider first: the slow-to-compile ones come last
+    if args.isolate and len(names) > 1:
+        rows = isolated_rows(names, args.budget_s)
+    else:
+        rows = provider_rows(names, args.budget_s)
     summary = {}
     for case in ("cross", "self"):
         done = [r for r in rows if r["case"] == case and "ms" in r]

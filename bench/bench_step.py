@@ -4,11 +4,19 @@
     python bench/bench_step.py --out bench/results/step.json [--variants ref-eager,triton-compile]
 
 Workload (DESIGN.md "Performance"): nano model (12 x 384, 6 heads), batch 16, 64x64x16 latents, T5 padded to 256
-tokens with random valid lengths, DINO 1024-d, bf16 autocast unless the variant says fp32. Variants: nanodit with
-``kernels=ref`` / ``triton``, eager / ``torch.compile`` / compile with CUDA graphs (mode="reduce-overhead"), and
-the diffusers ``PixArtTransformer2DModel`` peer at the nano size with the same loop. Reported: ms/step (median of
-CUDA-event timed windows), samples/s, model TFLOP/s (FLOPs of one step from torch.utils.flop_counter), MFU against
-the card's bf16 matmul peak measured in the same run, peak memory, card, torch/triton versions, commit.
+tokens with random valid lengths, DINO 1024-d, bf16 autocast unless the variant says fp32. Variants (dash-joined
+words): nanodit with ``kernels=ref`` / ``triton``, then
+- ``eager``: plain PyTorch autograd, one Python launch per op;
+- ``compile``: ``torch.compile(model)`` (the Triton ops reach Inductor as triton ops; ``customop`` adds: as opaque
+  custom ops, the older door);
+- ``compile-cg``: ``mode="reduce-overhead"`` (Inductor's CUDA graphs around forward and backward);
+- ``graph``: the whole eager step (forward, loss, backward, clipping, AdamW, EMA) captured once in one CUDA
+  graph and replayed: no host cost at all, so it shows what the kernels save on the GPU;
+- ``fp32``: no autocast;
+and the diffusers ``PixArtTransformer2DModel`` peer at the nano size with the same loop. Reported: ms/step (median
+of CUDA-event timed windows), samples/s, model TFLOP/s (FLOPs of one step from torch.utils.flop_counter), MFU
+against the card's bf16 matmul peak measured in the same run, peak memory, and with ``--profile`` the GPU-busy ms
+per step (sum of kernel times from torch.profiler) beside the wall ms: busy << wall means the host is the bottleneck.
 """
 
 from __future__ import annotations
@@ -23,18 +31,23 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import cuda_event_times  # noqa: E402  (bench/conftest.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode: import nanodit from the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/conftest.py helpers
+from conftest import cuda_event_times, cuda_graph  # noqa: E402  (bench/conftest.py)
 
 B, C, HW, L, DD, DT = 16, 16, 64, 256, 1024, 4096
 VARIANTS = [
     "ref-eager",
     "triton-eager",
+    "ref-graph",
+    "triton-graph",
     "ref-compile",
     "triton-compile",
+    "triton-compile-customop",
     "ref-compile-cg",
     "triton-compile-cg",
     "ref-eager-fp32",
+    "triton-eager-fp32",
     "pixart-eager",
     "pixart-compile",
 ]
@@ -110,13 +123,18 @@ def make_step(variant: str, device):
     from nanodit.optim import EMA, param_groups
 
     model, fwd, flow_loss, precision = build(variant, device)
+    graphed = "graph" in variant.split("-")
     torch.backends.cuda.matmul.allow_tf32 = False
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     )
-    opt = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-4, betas=(0.9, 0.95), fused=True)
+    opt = torch.optim.AdamW(
+        param_groups(model, 0.03), lr=1e-4, betas=(0.9, 0.95), fused=True, capturable=graphed
+    )
     ema = EMA(model)
-    gen = torch.Generator(device=device).manual_seed(0)
+    # a captured graph replays the default generator's Philox stream safely; a private generator would need
+    # registering with the graph, so the graph variants draw t and noise from the default one
+    gen = None if graphed else torch.Generator(device=device).manual_seed(0)
     batch = make_batch(device)
 
     def step():
@@ -128,6 +146,9 @@ def make_step(variant: str, device):
         ema.update(model, 0.999)
         return loss
 
+    if graphed:
+        step = capture_step(step, opt)
+
     def flops() -> float:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -138,6 +159,43 @@ def make_step(variant: str, device):
         return float(fc.get_total_flops())
 
     return step, flops, model
+
+
+def capture_step(step, opt):
+    """The whole step in one CUDA graph; each call replays it. The gradients are set to None before the
+    capture, so they are allocated from the graph's private pool."""
+    replay, loss = cuda_graph(step, before_capture=lambda: opt.zero_grad(set_to_none=True))
+
+    def run():
+        replay()
+        return loss
+
+    return run
+
+
+def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list]:
+    """GPU-busy ms per step (sum of device kernel/memcpy times, torch.profiler) and the top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    total, per_kernel = 0.0, []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        total += us
+        per_kernel.append((e.key[:90], us / steps / 1e3, e.count // steps))
+    per_kernel.sort(key=lambda r: -r[1])
+    return total / steps / 1e3, [
+        {"kernel": k, "ms": round(ms, 4), "calls": n} for k, ms, n in per_kernel[:12]
+    ]
 
 
 def time_steps(step, warmup=10, windows=5, per_window=10) -> list[float]:
@@ -162,15 +220,31 @@ def matmul_peak_tflops(device) -> float:
     return 2 * 8192**3 / (statistics.median(ts) * 1e-3) / 1e12
 
 
-def measure(variant: str, device, peak: float) -> dict:
+@contextlib.contextmanager
+def compile_door(variant: str):
+    """``customop`` variants compile the Triton ops through the custom-op door (see nanodit.kernels._launch)."""
+    from nanodit.kernels import _launch
+
+    old = _launch.COMPILE_DOOR
+    _launch.COMPILE_DOOR = "custom_op" if "customop" in variant.split("-") else "triton_op"
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        _launch.COMPILE_DOOR = old
+
+
+def measure(variant: str, device, peak: float, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    step, flops, _ = make_step(variant, device)
-    fl = flops()
-    times = time_steps(step)
+    with compile_door(variant):
+        step, flops, _ = make_step(variant, device)
+        fl = flops()
+        times = time_steps(step)
+        busy, top = gpu_busy_ms(step) if profile else (None, None)
     ms = statistics.median(times)
     tflops = fl / (ms * 1e-3) / 1e12
-    return {
+    row = {
         "variant": variant,
         "ms_per_step": ms,
         "ms_spread": [min(times), max(times)],
@@ -180,6 +254,9 @@ def measure(variant: str, device, peak: float) -> dict:
         "mfu": tflops / peak,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
     }
+    if profile:
+        row.update(gpu_busy_ms=busy, top_kernels=top)
+    return row
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +270,10 @@ def test_nano_step(benchmark, variant, peak, bench_meta):
     if variant.startswith("pixart"):
         pytest.importorskip("diffusers")
     row = measure(variant, device, peak)
-    step, _, _ = make_step(variant, device)
-    for _ in range(5):
-        step()
+    with compile_door(variant):
+        step, _, _ = make_step(variant, device)
+        for _ in range(5):
+            step()
 
     def run10():
         for _ in range(10):
@@ -212,6 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", action="store_true", help="also GPU-busy ms per step and the top kernels")
     args = ap.parse_args()
     device = torch.device("cuda")
     meta = machine_info()
@@ -225,7 +304,7 @@ def main() -> None:
                 print(f"{v}: skipped (diffusers not installed)")
                 continue
         try:
-            rows.append(measure(v, device, peak))
+            rows.append(measure(v, device, peak, args.profile))
         except Exception as e:  # a failing variant is reported, the others still run
             rows.append({"variant": v, "error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}"})
         print(json.dumps(rows[-1]), flush=True)
@@ -241,14 +320,18 @@ def main() -> None:
         f"\n{meta['card']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}  "
         f"bf16 matmul peak {peak:.0f} TFLOP/s"
     )
-    print(f"{'variant':20s} {'ms/step':>8s} {'samples/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}")
+    print(
+        f"{'variant':24s} {'ms/step':>8s} {'GPU busy':>8s} {'samples/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
+        f"{'mem GB':>7s}"
+    )
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:20s} ERROR {r['error'][:80]}")
+            print(f"{r['variant']:24s} ERROR {r['error'][:80]}")
         else:
+            busy = f"{r['gpu_busy_ms']:8.2f}" if r.get("gpu_busy_ms") is not None else f"{'-':>8s}"
             print(
-                f"{r['variant']:20s} {r['ms_per_step']:8.2f} {r['samples_per_s']:10.0f} {r['tflops']:8.1f} "
-                f"{100 * r['mfu']:5.1f}% {r['peak_mem_gb']:7.2f}"
+                f"{r['variant']:24s} {r['ms_per_step']:8.2f} {busy} {r['samples_per_s']:10.0f} "
+                f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {r['peak_mem_gb']:7.2f}"
             )
 
 

@@ -51,6 +51,24 @@ def cuda_event_times(fn, warmup: int, reps: int, inner: int) -> list[float]:
     return times
 
 
+def cuda_graph(fn, before_capture=None):
+    """Capture one call of ``fn`` in a CUDA graph, torch's recipe: warm up on a side stream (kernels compiled,
+    workspaces allocated), optionally prepare (``before_capture``), capture once. -> (replay, the captured
+    call's return value, whose tensors each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 def machine_info() -> dict:
     import triton
 
