@@ -2,6 +2,12 @@
 
     pytest bench/bench_loader.py --benchmark-only          # pytest-benchmark, GPU only
     python bench/bench_loader.py --out DIR [--samples 2000] [--variants gpu-cache,webdataset-w8,dali-t4]
+    python bench/bench_loader.py --device cpu --variants webdataset-w2,webdataset-w2-s0   # the CPU path
+
+Variants: ``webdataset-wN`` N workers with the slot ring (the default path), ``-s0`` the per-batch shared-memory
+path with the DataLoader's pin thread (the path before the ring, to compare), ``-sK`` a ring of K slots,
+``-nocheck`` without the NaN/Inf check; ``dali-tN`` N threads per pipeline. ``--device cpu`` times the CPU path
+(no pinning, no DMA, no data-wait column): a relative measure for machines without a GPU.
 
 Workload: random finite fp16 arrays at the nano shapes, written with the ShardWriter (tars + DALI index files):
 the 4 aspect buckets of a 64x64 latent (16 channels), DINO 1024-d, T5 4096-d with random lengths 1..256 stored
@@ -41,7 +47,16 @@ from nanodit.data.synth import buckets  # noqa: E402
 from nanodit.data.wds_loader import WebDatasetLoader  # noqa: E402
 
 B, C, SIDE, DD, DT, LMAX = 16, 16, 64, 1024, 4096, 256
-VARIANTS = ["gpu-cache", "webdataset-w8", "webdataset-w14", "webdataset-w8-nocheck", "dali-t2", "dali-t4"]
+VARIANTS = [
+    "gpu-cache",
+    "webdataset-w8",
+    "webdataset-w8-s0",
+    "webdataset-w14",
+    "webdataset-w14-s0",
+    "webdataset-w8-nocheck",
+    "dali-t2",
+    "dali-t4",
+]
 STEP_MS = 13.0
 
 
@@ -86,26 +101,35 @@ def make_loader(variant: str, root: Path, device: torch.device, index=None):
     index = index or build_index(root)
     n = int(next(o[1:] for o in opts if o[0] in "wt"))
     if kind == "webdataset":
+        # "-sK": a ring of K slots, "-s0" the per-batch path; none: the default ring
+        slots = next((int(o[1:]) for o in opts if o[0] == "s" and o[1:].isdigit()), None)
         return WebDatasetLoader(
-            index, sem, device, num_workers=n, prefetch=4, check_finite="nocheck" not in opts
+            index, sem, device, num_workers=n, prefetch=4, check_finite="nocheck" not in opts, slots=slots
         )
     return DaliLoader(index, sem, device, threads=n, prefetch=2)
 
 
-def bus_bytes(batch: dict) -> int:
-    """Bytes a streaming backend moves host -> device for this batch (T5 unpadded: only valid rows)."""
+def bus_bytes(batch: dict) -> torch.Tensor:
+    """Bytes a streaming backend moves host -> device for this batch (T5 unpadded: only valid rows), as a 0-d
+    tensor on the batch's device: reading it back per batch would synchronise the device every batch (and hide
+    copies that overlap the next batch's fetch), so ``run_batches`` reads the sum once, at the end."""
     lat, dino, mask = batch["latent"], batch["dino"], batch["t5_mask"]
-    return lat.numel() * 2 + dino.numel() * 2 + int(mask.sum()) * batch["t5"].shape[-1] * 2
+    return mask.sum() * (batch["t5"].shape[-1] * 2) + (lat.numel() * 2 + dino.numel() * 2)
 
 
 def run_batches(loader, n: int) -> tuple[int, int]:
-    samples = moved = 0
+    samples, moved = 0, 0
     for _ in range(n):
         b = next(loader)
         samples += len(b["ids"])
-        moved += bus_bytes(b)
-    torch.cuda.synchronize()
-    return samples, moved
+        moved = moved + bus_bytes(b)
+    sync()
+    return samples, int(moved)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def sleep_cycles_per_ms() -> float:
@@ -138,14 +162,14 @@ def measure(
     t0 = time.perf_counter()
     loader = make_loader(variant, root, device)
     next(loader)
-    torch.cuda.synchronize()
+    sync()
     startup = time.perf_counter() - t0
     try:
         run_batches(loader, 10)  # warm-up: workers, pipelines, allocator
         t = time.perf_counter()
         samples, moved = run_batches(loader, batches)
         dt = time.perf_counter() - t
-        wait = data_wait(loader, wait_steps, cycles)
+        wait = data_wait(loader, wait_steps, cycles) if device.type == "cuda" else float("nan")
     finally:
         loader.close()
     return {
@@ -198,10 +222,13 @@ def main() -> None:
     ap.add_argument("--wait-steps", type=int, default=100)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--data", default=None, help="shard folder to reuse/write (default: a temporary folder)")
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the CPU path, no data wait"
+    )
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_loader: needs a CUDA GPU")
-    device = torch.device("cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_loader: needs a CUDA GPU (or --device cpu for the CPU path)")
+    device = torch.device(args.device)
     meta = machine_info() | {"cpus": os.cpu_count(), "dali": None, "webdataset": None}
     if dali_available():
         import nvidia.dali
@@ -223,7 +250,7 @@ def main() -> None:
         build_index(root)
         index_s = time.perf_counter() - t
         print(f"index: {index_s:.2f} s ({1e6 * index_s / args.samples:.0f} us/sample)")
-        cycles = int(STEP_MS * sleep_cycles_per_ms())
+        cycles = int(STEP_MS * sleep_cycles_per_ms()) if device.type == "cuda" else 0
         rows = []
         print(
             f"{'variant':24s} {'samples/s':>10s} {'MB/sample':>10s} {'bus GB/s':>9s} {'start s':>8s} {'wait@13ms':>10s}"

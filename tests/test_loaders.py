@@ -24,7 +24,7 @@ from nanodit.data.gpu_cache import GpuCacheLoader, cache_bytes
 from nanodit.data.index import build_index, group_members, index_path, read_wds_index, scan_tar
 from nanodit.data.loader import BATCH_KEYS, MemoryLoader, Semantics, epoch_schedule, pad_packed
 from nanodit.data.shards import ShardError, ShardWriter, read_all
-from nanodit.data.wds_loader import WebDatasetLoader, finite
+from nanodit.data.wds_loader import SlotRing, WebDatasetLoader, finite, max_batch_rows
 
 NO_DALI = "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130 to run the DALI CPU pipeline)"
 BACKENDS = [
@@ -373,3 +373,68 @@ def test_build_loader_picks_and_configures_backends(tmp_path, monkeypatch):
     with pytest.raises(ShardError, match=r"data.loader=dali: NVIDIA DALI is not installed") as err:
         build_loader(cfg("data.loader=dali"), torch.device("cpu"))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "workers, prefetch, slots",
+    [(2, 2, 0), (2, 2, 5), (2, 1, 3), (0, 1, 2), (0, 1, None), (1, 3, None)],
+    ids=["per-batch-shm", "tight-ring", "minimal-ring", "no-workers-minimal", "no-workers", "one-worker"],
+)
+def test_webdataset_slot_ring_batches_equal_the_memory_loader(shards, workers, prefetch, slots):
+    """The slot ring (smallest legal rings: every slot reused many times) and the per-batch path (slots=0) yield
+    MemoryLoader's batches; batches are kept until the end, so a slot reused under a yielded batch would show."""
+    for world in (1, 2):
+        for rank in range(world):
+            s = sem(rank=rank, world_size=world)
+            _, groups, index = shards
+            ref = MemoryLoader(groups, s)
+            loader = WebDatasetLoader(index, s, num_workers=workers, prefetch=prefetch, slots=slots)
+            try:
+                got = [next(loader) for _ in range(3 * ref.batches_per_epoch)]
+                assert (loader._ring is None) == (slots == 0)
+            finally:
+                loader.close()
+            for step, b in enumerate(got):
+                assert_same_batch(b, next(ref), f"slots={slots} rank {rank}/{world} step {step}")
+
+
+def test_webdataset_slot_ring_resumes_and_restarts(shards):
+    """load_state_dict stops the workers and frees every slot; the same ring serves the restarted workers."""
+    s = sem()
+    ref = MemoryLoader(shards[1], s)
+    loader = WebDatasetLoader(shards[2], s, num_workers=2, prefetch=1, slots=3)
+    try:
+        for _ in range(2):
+            next(loader)
+        ring = loader._ring
+        for state in ({"epoch": 1, "index": 2}, {"epoch": 0, "index": 5}, {"epoch": 0, "index": 5}):
+            loader.load_state_dict(state)
+            ref.load_state_dict(state)
+            assert not any(ring.busy)
+            for step in range(4):
+                assert_same_batch(next(loader), next(ref), f"resumed at {state}, step {step}")
+            assert loader._ring is ring  # allocated once
+    finally:
+        loader.close()
+
+
+def test_webdataset_slot_options_and_flow_control(shards):
+    _, groups, index = shards
+    with pytest.raises(
+        ValueError, match=r"slots=4 must be 0 .* or >= num_workers \* prefetch \+ 1 = 5"
+    ) as err:
+        WebDatasetLoader(index, sem(), num_workers=2, prefetch=2, slots=4)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"num_workers=-1 must be >= 0"):
+        WebDatasetLoader(index, sem(), num_workers=-1)
+    ring = SlotRing(index, 4, 2)
+    assert ring.acquire(0) == 0 and ring.acquire(1) == 1
+    with pytest.raises(RuntimeError, match="slot 0 is still held by an unconsumed batch"):
+        ring.acquire(2)  # never overwrite a batch that was not copied out
+    ring.release(0)
+    assert ring.acquire(2) == 0
+    # every batch of every epoch fits a slot: the bound is the B longest captions of a bucket
+    most = max(
+        int(index.buckets[b].t5_len[i, :].max(1).sum()) for b, i in epoch_schedule(index.counts, sem(), 0)
+    )
+    assert most <= max_batch_rows(index, 4) == ring.max_rows
