@@ -80,6 +80,13 @@ class TrainConfig:
     p_drop_dino: float = 0.1
     precision: str = "fp32"  # fp32 | tf32 | bf16
     compile: bool = False
+    # torch.compile mode: default | reduce-overhead (Inductor's CUDA graphs: at the nano size the compiled
+    # step is bound by host launch time, see bench/results) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
+    # what torch.compile wraps: model (one graph for the whole forward) | blocks (each DiT block, the same
+    # compiled code for all of them: ~1/depth of the cold-start compile time, which at the nano size on the
+    # H200 machine's CPU was 80-100 s per shape for the whole model, see bench/results/h200-2026-11-27-s2)
+    compile_scope: str = "model"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
@@ -128,6 +135,8 @@ class Config:
 
 
 CHOICES = {
+    "train.compile_scope": ("model", "blocks"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "model.kernels": ("ref", "triton"),
     "model.attention": ("auto", "flash", "cudnn", "sdpa", "flex", "math"),
     "data.loader": ("auto", "gpu-cache", "dali", "webdataset"),

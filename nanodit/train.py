@@ -138,11 +138,20 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     ema = EMA(model)
 
     # ---- compile (checkpoints always hold the uncompiled module) ------------------------------
+    fwd = model
     if cfg.train.compile:
-        # one graph per bucket shape (and per last-batch size): raise dynamo's default limit of 8 so that
-        # no bucket silently falls back to eager
+        # one graph per bucket shape (and per last-batch size and caption length, until dynamo marks those
+        # dims dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    fwd = torch.compile(model) if cfg.train.compile else model
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        if cfg.train.compile_scope == "blocks":
+            # regional compilation: every block runs the same compiled code (dynamo lifts the parameters to
+            # inputs), so the cold start compiles one block per shape instead of the whole network; the rest
+            # of the forward (embedders, final layer) stays eager. In place: state_dict keys are unchanged.
+            for block in model.blocks:
+                block.compile(mode=mode)
+        else:
+            fwd = torch.compile(model, mode=mode)
 
     # ---- resume -------------------------------------------------------------------------------
     step = 0

@@ -31,7 +31,6 @@ Letters: B batch, C latent channels, h, w latent size, H, W image size, L T5 tok
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import shutil
 import sys
@@ -698,10 +697,14 @@ def validate_during_training(run_dir, model, ema, manifest, loader, step, metric
     Returns {"path", "decision", "scores"}."""
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
-    vmodel = copy.deepcopy(model)
+    from nanodit.model import build_model
+
+    # a fresh eager twin, not a deepcopy: the live model's blocks may be compiled in place
+    # (train.compile_scope=blocks), and validation shapes would only add compiles
+    device = next(model.parameters()).device
+    vmodel = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
     ema.copy_to(vmodel)
     vmodel.eval().requires_grad_(False)
-    device = next(vmodel.parameters()).device
     _, groups = read_val_samples(loader.root, cfg.val.samples, cfg.data.on_error)
     step_dir = run_dir / "validation" / f"step-{step:08d}"
     result = run_validation(
