@@ -3,7 +3,10 @@
 #   setup        install the carried wheels (.whl/) into /tmp/site (idempotent while the machine stays warm)
 #   env          card, versions, what is installed
 #   tests        the GPU test cases (kernels bf16/fp16, attention backends, model parity, loaders)
-#   train-short  the nano config for a few hundred steps: fp32/bf16 x eager/compile (ms/step, samples/s, memory)
+#   kernel-tests the kernel parity suite on CUDA (tests/kernels: fp32/bf16/fp16 grid, both compile doors, nano model)
+#   step         bench/bench_step.py --profile (VARIANTS env: comma list; default all): ms/step, GPU-busy ms
+#   train-short  the nano config for a few hundred steps: fp32/bf16 x eager/compile (ms/step, samples/s, memory);
+#                MODES (default "fp32 false,bf16 false,bf16 true,fp32 true") and KERNELS (default ref) pick runs
 #   nano-start   the full nano run (5k steps, validation every 1000) in the background (setsid)
 #   nano-wait S  wait up to S seconds for it, then copy its report into $OUT
 # Usage: bash scripts/gpu_session.sh setup env tests ...      (results land in $OUT)
@@ -43,29 +46,45 @@ phase_tests() {
     | tee "$OUT/gpu_tests.log" | tail -25
 }
 
+phase_kernel_tests() {
+  timeout ${KT_TIMEOUT:-330} python3 -m pytest -q tests/kernels -p no:cacheprovider --durations=5 \
+    --junitxml="$OUT/kernels_tests.xml" > "$OUT/kernels_tests.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$OUT/kernels_tests.log" | head -20
+  tail -3 "$OUT/kernels_tests.log"
+}
+
+phase_step() {
+  timeout ${STEP_TIMEOUT:-540} python3 bench/bench_step.py --profile --out "$OUT/step.json" \
+    ${VARIANTS:+--variants "$VARIANTS"} 2>&1 | grep -v "^W[0-9]" | tee "$OUT/step.log" | tail -20
+}
+
 phase_train_short() {
-  : > "$OUT/train_short.jsonl"
-  for mode in "fp32 false" "bf16 false" "bf16 true" "fp32 true"; do
+  touch "$OUT/train_short.jsonl"
+  IFS=',' read -r -a modes <<< "${MODES:-fp32 false,bf16 false,bf16 true,fp32 true}"
+  for mode in "${modes[@]}"; do
     set -- $mode
     for k in ${KERNELS:-ref}; do
-      mkdir -p /tmp/runs; dir=/tmp/runs/short-$1-c$2-$k
+      mkdir -p /tmp/runs; dir=/tmp/runs/short-$1-c$2-$k-${COMPILE_MODE:-default}-${RUN_TAG:-x}
       rm -rf "$dir"
-      timeout 240 python3 -m nanodit.train --config nano run.dir="$dir" train.steps=300 train.precision=$1 \
-        train.compile=$2 model.kernels=$k val.every=0 val.at_end=false run.progress=false train.log_every=50 \
-        data.cache_dir=/tmp/cache > "$dir.log" 2>&1
-      python3 - "$dir" "$1" "$2" "$k" >> "$OUT/train_short.jsonl" <<'EOF'
-import json, sys
-d, prec, comp, k = sys.argv[1:]
+      timeout ${TRAIN_TIMEOUT:-240} python3 -m nanodit.train --config nano run.dir="$dir" train.steps=300 train.precision=$1 \
+        train.compile=$2 train.compile_mode=${COMPILE_MODE:-default} model.kernels=$k val.every=0 val.at_end=false run.progress=false train.log_every=50 \
+        data.cache_dir=/tmp/cache ${TRAIN_ARGS:-} > "$dir.log" 2>&1
+      python3 - "$dir" "$1" "$2" "$k" "${COMPILE_MODE:-default}" >> "$OUT/train_short.jsonl" <<'EOF'
+import json, os, sys
+d, prec, comp, k, cmode = sys.argv[1:]
 try:
     rows = [json.loads(l) for l in open(f"{d}/metrics.jsonl")]
     s = json.load(open(f"{d}/summary.json"))
     steady = rows[2:]  # skip the first 100 steps (compile, warm-up)
     ms = sum(r["ms_per_step"] for r in steady) / len(steady)
-    print(json.dumps({"precision": prec, "compile": comp, "kernels": k, "ms_per_step": ms,
+    print(json.dumps({"precision": prec, "compile": comp, "compile_mode": cmode, "kernels": k, "ms_per_step": ms,
                       "samples_per_s": 16000 / ms, "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-                      "peak_memory_gb": s["peak_memory_gb"], "device": s["device"]}))
+                      "peak_memory_gb": s["peak_memory_gb"], "device": s["device"],
+                      "data_wait_frac": sum(r.get("data_wait_frac", 0) for r in steady) / len(steady),
+                      "extra": os.environ.get("TRAIN_ARGS", "")}))
 except Exception as e:
-    print(json.dumps({"precision": prec, "compile": comp, "kernels": k, "error": repr(e)[:300]}))
+    print(json.dumps({"precision": prec, "compile": comp, "kernels": k, "error": repr(e)[:300],
+                      "extra": os.environ.get("TRAIN_ARGS", "")}))
 EOF
       tail -1 "$OUT/train_short.jsonl"
     done
@@ -99,6 +118,8 @@ while [ $# -gt 0 ]; do
     setup) phase_setup ;;
     env) phase_env ;;
     tests) phase_tests ;;
+    kernel-tests) phase_kernel_tests ;;
+    step) phase_step ;;
     train-short) phase_train_short ;;
     nano-start) shift; IFS=' ' read -r -a NANO_ARGS <<< "${1:-}"; phase_nano_start ;;
     nano-wait) shift; phase_nano_wait "$1" ;;
