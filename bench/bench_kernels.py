@@ -290,13 +290,24 @@ def load_records(path: str) -> list[dict]:
     return data["records"]
 
 
-FWD_SWEEP = [(512, 1), (1024, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4), (4096, 8)]
-BWD_SWEEP = [(1024, 2, 4), (1024, 2, 8), (2048, 2, 4), (2048, 4, 4), (2048, 4, 8), (4096, 4, 4), (4096, 8, 4)]
+# Swept on an H200 (bench/results/h200-2026-11-27-s3/kernels_sweep_1.txt): 1024-element tiles on 1 warp lead the
+# forward; for the backward more programs per SM (16-64: shorter loops, against a suspected wave-quantisation
+# loss) did not help, so the second sweep varies how the loop prefetches (stages: 0 = by hand, S = Triton's
+# pipeliner with S - 1 tiles in flight through shared memory).
+FWD_SWEEP = [(1024, 1), (1024, 2), (2048, 2), (512, 1)]
+BWD_SWEEP = [  # (tile, warps, programs per SM, stages)
+    (2048, 4, 4, 0), (1024, 2, 4, 0), (2048, 4, 4, 2), (2048, 4, 4, 3), (2048, 4, 4, 4), (1024, 2, 4, 2),
+    (1024, 2, 4, 3), (1024, 2, 8, 3), (2048, 4, 8, 3), (2048, 4, 2, 3), (2048, 8, 4, 3), (4096, 8, 4, 3),
+]  # fmt: skip
 
 
-def sweep(shapes: list[str]) -> None:
+def sweep(shapes: list[str], env_out: str | None = None) -> None:
     """Print % of copy bandwidth of the triton row kernels for each tile config of ``_launch`` (the knobs
-    FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM); set the winners there."""
+    FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM/BWD_STAGES) and the best of each direction
+    (geometric mean over kernels and shapes); ``env_out`` gets them as NANODIT_*_TILES/STAGES exports, so
+    that a script can measure and test the winner in the same session before it is written into _launch."""
+    import math
+
     from nanodit.kernels import _launch
 
     copy_gbs = copy_bandwidth_gbs()
@@ -304,17 +315,41 @@ def sweep(shapes: list[str]) -> None:
 
     def pct(kernel, direction, shape):
         gbs = nbytes(kernel, direction, shape) / measure(kernel, direction, "triton", shape)["ms"] / 1e6
-        return f" {100 * gbs / copy_gbs:5.1f}"
+        return 100 * gbs / copy_gbs
+
+    def gmean(vals):
+        return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
     print(f"% of copy bandwidth ({copy_gbs:.0f} GB/s); columns: {', '.join(rows)} x {', '.join(shapes)}")
+    best = {}
     for tile, warps in FWD_SWEEP:
         _launch.FWD_TILE, _launch.FWD_WARPS = tile, warps
-        cells = "".join(pct(k, "fwd", s) for k in rows for s in shapes)
-        print(f"fwd tile {tile:5d} warps {warps:2d}          {cells}", flush=True)
-    for tile, warps, per_sm in BWD_SWEEP:
+        vals = [pct(k, "fwd", s) for k in rows for s in shapes]
+        cells = "".join(f" {v:5.1f}" for v in vals)
+        print(
+            f"fwd tile {tile:5d} warps {warps:2d}                   {cells}  gmean {gmean(vals):5.1f}",
+            flush=True,
+        )
+        if gmean(vals) > best.get("fwd", (0,))[0]:
+            best["fwd"] = (gmean(vals), f"{tile},{warps}")
+    for tile, warps, per_sm, stages in BWD_SWEEP:
         _launch.BWD_TILE, _launch.BWD_WARPS, _launch.BWD_PROGRAMS_PER_SM = tile, warps, per_sm
-        cells = "".join(pct(k, "bwd", s) for k in rows for s in shapes)
-        print(f"bwd tile {tile:5d} warps {warps:2d} per SM {per_sm:2d}{cells}", flush=True)
+        _launch.BWD_STAGES = stages
+        vals = [pct(k, "bwd", s) for k in rows for s in shapes]
+        cells = "".join(f" {v:5.1f}" for v in vals)
+        print(
+            f"bwd tile {tile:5d} warps {warps:2d} per SM {per_sm:2d} stages {stages}{cells}  gmean {gmean(vals):5.1f}",
+            flush=True,
+        )
+        if gmean(vals) > best.get("bwd", (0,))[0]:
+            best["bwd"] = (gmean(vals), f"{tile},{warps},{per_sm}", stages)
+    print(f"best fwd: {best['fwd'][1]} (gmean {best['fwd'][0]:.1f}%)")
+    print(f"best bwd: {best['bwd'][1]} stages {best['bwd'][2]} (gmean {best['bwd'][0]:.1f}%)")
+    if env_out:
+        Path(env_out).write_text(
+            f"export NANODIT_FWD_TILES={best['fwd'][1]} NANODIT_BWD_TILES={best['bwd'][1]}"
+            f" NANODIT_BWD_STAGES={best['bwd'][2]}\n"
+        )
 
 
 def main() -> None:
@@ -325,6 +360,9 @@ def main() -> None:
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--table", metavar="JSON", help="only print the summary table of a saved run")
     ap.add_argument("--sweep", action="store_true", help="sweep the row kernels' tile configs (triton only)")
+    ap.add_argument(
+        "--sweep-env", metavar="FILE", help="with --sweep: write the winners here as shell exports"
+    )
     args = ap.parse_args()
     if args.table:
         print(table(load_records(args.table)))
@@ -332,7 +370,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")
     if args.sweep:
-        sweep(args.shapes.split(","))
+        sweep(args.shapes.split(","), args.sweep_env)
         return
     from conftest import machine_info
 

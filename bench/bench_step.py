@@ -177,6 +177,8 @@ def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list]:
     """GPU-busy ms per step (sum of device kernel/memcpy times, torch.profiler) and the top kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
+    from nanodit.tracing import device_busy
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -184,18 +186,7 @@ def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    total, per_kernel = 0.0, []
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
-            continue
-        us = getattr(e, "self_device_time_total", None)
-        us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
-        total += us
-        per_kernel.append((e.key[:90], us / steps / 1e3, e.count // steps))
-    per_kernel.sort(key=lambda r: -r[1])
-    return total / steps / 1e3, [
-        {"kernel": k, "ms": round(ms, 4), "calls": n} for k, ms, n in per_kernel[:12]
-    ]
+    return device_busy(prof, steps)
 
 
 def time_steps(step, warmup=10, windows=5, per_window=10) -> list[float]:

@@ -94,6 +94,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str = "none"  # none | auto | PATH of a checkpoint
     loss_bins: int = 10  # per-t-bin losses for logging
+    # torch.profiler over steps [profile_start, profile_start + profile_steps) -> <run>/profile/ (trace.json,
+    # summary.txt: wall vs GPU-busy ms per step, host ms per loop region, top kernels); 0 = off
+    profile_steps: int = 0
+    profile_start: int = 50
 
 
 @dataclass
@@ -171,6 +175,8 @@ NON_NEGATIVE = [
     "train.weight_decay",
     "train.grad_clip",
     "train.ema_warmup_steps",
+    "train.profile_steps",
+    "train.profile_start",
     "val.every",
     "data.num_workers",
 ]

@@ -35,6 +35,7 @@ from nanodit.data.shards import ShardError
 from nanodit.flow import training_loss
 from nanodit.model import build_model
 from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
+from nanodit.tracing import StepProfiler
 
 
 class TrainError(RuntimeError):
@@ -139,6 +140,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
 
     # ---- compile (checkpoints always hold the uncompiled module) ------------------------------
     fwd = model
+    cudagraphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
     if cfg.train.compile:
         # one graph per bucket shape (and per last-batch size and caption length, until dynamo marks those
         # dims dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
@@ -193,21 +195,32 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         }
         return save_checkpoint(run_dir, at, state, keep=t.keep_checkpoints)
 
+    prof = StepProfiler(run_dir / "profile", t.profile_start, t.profile_steps, device)
     while step < t.steps:
+        prof.at(step)
         t_wait = time.perf_counter()
-        batch = next(loader)
-        wait_acc += time.perf_counter() - t_wait  # host time waiting for data (async copies excluded)
+        with prof.region("data"):
+            batch = next(loader)
+        wait_acc += time.perf_counter() - t_wait  # host time in the loader (async copies excluded)
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
         for g in optim.param_groups:
             g["lr"] = lr
-        loss, stats = training_loss(
-            fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast
-        )
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
-        optim.step()
-        ema.update(model, ema_decay_at(step, t.ema_decay, t.ema_warmup_steps))
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
+        with prof.region("forward+loss"):
+            loss, stats = training_loss(
+                fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast
+            )
+        with prof.region("backward"):
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+            )
+        with prof.region("optimizer"):
+            optim.step()
+        with prof.region("ema"):
+            ema.update(model, ema_decay_at(step, t.ema_decay, t.ema_warmup_steps))
         step += 1
         loss_acc += loss.detach()
         bins_acc += torch.stack([stats["bin_sum"], stats["bin_count"]])
@@ -264,6 +277,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     # ---- teardown -----------------------------------------------------------------------------
     if bar is not None:
         bar.close()
+    prof.close(step)
     final = checkpoint(step)
     summary = {
         "run_dir": str(run_dir),
@@ -275,6 +289,9 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+    if prof.summary is not None:
+        summary["profile"] = prof.summary
+        say(f"profile: {run_dir / 'profile'} (trace.json, summary.txt)")
     if validate_hook is not None and cfg.val.at_end:
         report = _safe_validate(
             validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics, final=True

@@ -7,6 +7,12 @@
 #   step         bench/bench_step.py --profile (VARIANTS env: comma list; default all): ms/step, GPU-busy ms
 #   train-short  the nano config for a few hundred steps: fp32/bf16 x eager/compile (ms/step, samples/s, memory);
 #                MODES (default "fp32 false,bf16 false,bf16 true,fp32 true") and KERNELS (default ref) pick runs
+#   sweep        tile/stage sweep of the row kernels (bench_kernels.py --sweep); exports the winners
+#                (NANODIT_FWD_TILES, NANODIT_BWD_TILES, NANODIT_BWD_STAGES) for the phases after it
+#   kernel-bench pytest bench/bench_kernels.py --benchmark-only (+ the summary table)
+#   profile      the trainer with train.profile_steps=20 (PROFILE_MODES, default "fp32 false default model,
+#                bf16 false default model,bf16 true reduce-overhead blocks"): wall vs GPU-busy, host ms per region
+#   flex-debug   scripts/debug_flex.py (which stage of FlexAttention faults in the attention benchmark)
 #   nano-start   the full nano run (5k steps, validation every 1000) in the background (setsid)
 #   nano-wait S  wait up to S seconds for it, then copy its report into $OUT
 # Usage: bash scripts/gpu_session.sh setup env tests ...      (results land in $OUT)
@@ -91,6 +97,43 @@ EOF
   done
 }
 
+phase_sweep() {
+  timeout ${SWEEP_TIMEOUT:-300} python3 bench/bench_kernels.py --sweep --sweep-env "$OUT/kernels_best.env" \
+    > "$OUT/kernels_sweep.txt" 2>&1
+  tail -4 "$OUT/kernels_sweep.txt"
+  if [ -s "$OUT/kernels_best.env" ]; then source "$OUT/kernels_best.env"; cat "$OUT/kernels_best.env"; fi
+}
+
+phase_kernel_bench() {
+  python3 -m pytest bench/bench_kernels.py --benchmark-only --benchmark-json="$OUT/kernels_bench.json" -q \
+    -p no:cacheprovider --benchmark-columns=median,rounds > "$OUT/kernels_bench.log" 2>&1
+  tail -1 "$OUT/kernels_bench.log"
+  python3 bench/bench_kernels.py --table "$OUT/kernels_bench.json" | tee "$OUT/kernels_summary.txt"
+}
+
+phase_profile() {
+  IFS=',' read -r -a modes <<< "${PROFILE_MODES:-fp32 false default model,bf16 false default model,bf16 true reduce-overhead blocks}"
+  for mode in "${modes[@]}"; do
+    set -- $mode
+    dir=/tmp/runs/prof-$1-c$2-$3-$4; rm -rf "$dir"; mkdir -p /tmp/runs
+    timeout ${TRAIN_TIMEOUT:-240} python3 -m nanodit.train --config nano run.dir="$dir" train.steps=${PROFILE_END:-150} \
+      train.precision=$1 train.compile=$2 train.compile_mode=$3 train.compile_scope=$4 val.every=0 val.at_end=false \
+      run.progress=false train.log_every=50 train.profile_start=${PROFILE_START:-120} train.profile_steps=20 \
+      data.cache_dir=/tmp/cache ${TRAIN_ARGS:-} > "$dir.log" 2>&1
+    tag=$1-c$2-$3-$4
+    cp "$dir/profile/summary.txt" "$OUT/profile_$tag.txt" 2>/dev/null || tail -5 "$dir.log"
+    python3 -c "import json,sys; s=json.load(open(sys.argv[1])); s.pop('top_kernels'); print(sys.argv[2], json.dumps(s))" \
+      "$dir/profile/summary.json" "$tag" 2>/dev/null | tee -a "$OUT/profile.jsonl"
+  done
+}
+
+phase_flex_debug() {
+  for c in cross self; do
+    CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 scripts/debug_flex.py $c > "$OUT/flex_debug_$c.log" 2>&1
+    grep -v "^W[0-9]" "$OUT/flex_debug_$c.log" | grep -E "ok$|FAILED|Error|error" | head -12
+  done
+}
+
 phase_nano_start() {
   rm -rf /tmp/runs/nano && mkdir -p /tmp/runs
   setsid nohup python3 -m nanodit.train --config nano run.dir=/tmp/runs/nano data.cache_dir=/tmp/cache \
@@ -121,6 +164,10 @@ while [ $# -gt 0 ]; do
     kernel-tests) phase_kernel_tests ;;
     step) phase_step ;;
     train-short) phase_train_short ;;
+    sweep) phase_sweep ;;
+    kernel-bench) phase_kernel_bench ;;
+    profile) phase_profile ;;
+    flex-debug) phase_flex_debug ;;
     nano-start) shift; IFS=' ' read -r -a NANO_ARGS <<< "${1:-}"; phase_nano_start ;;
     nano-wait) shift; phase_nano_wait "$1" ;;
     *) echo "unknown phase $1"; exit 2 ;;

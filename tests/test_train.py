@@ -54,6 +54,28 @@ def test_smoke_run_writes_the_run_folder_and_loss_falls(tmp_path):
     assert state["config"]["train"]["steps"] == 120
 
 
+@pytest.mark.parametrize("steps", [6, 3])
+def test_profile_window_writes_a_summary_and_a_trace(tmp_path, steps):
+    """train.profile_steps: the window [start, start + n) is profiled; every loop region shows up with host
+    time; a window that the run's end cuts short is still written, over the steps it saw; the training
+    itself is unchanged (same losses as without the profiler)."""
+    common = ["train.steps=6", "train.log_every=1"]
+    cfg = smoke_cfg(tmp_path, *common, "train.profile_start=2", f"train.profile_steps={steps}")
+    summary = train(cfg, quiet=True)
+    prof = tmp_path / "run" / "profile"
+    data = json.loads((prof / "summary.json").read_text())
+    assert data == summary["profile"]
+    assert data["steps"] == min(steps, 6 - 2) and data["first_step"] == 3
+    assert set(data["host_ms_per_step"]) == {"data", "forward+loss", "backward", "optimizer", "ema"}
+    assert all(v > 0 for v in data["host_ms_per_step"].values())
+    assert data["wall_ms_per_step"] >= data["host_ms_per_step"]["forward+loss"]
+    assert json.loads((prof / "trace.json").read_text())["traceEvents"]
+    plain = smoke_cfg(tmp_path / "plain", *common)
+    train(plain, quiet=True)
+    assert losses(tmp_path / "run") == losses(tmp_path / "plain" / "run")
+    assert not (tmp_path / "plain" / "run" / "profile").exists()
+
+
 def test_resume_is_bitwise_exact(tmp_path):
     """20 steps straight == 10 steps, interruption, resume, 10 more (weights, EMA and optimizer state)."""
     a = smoke_cfg(tmp_path / "a", "train.steps=20", "train.log_every=5")

@@ -39,6 +39,42 @@ MAX_D = 32768  # one row must fit a program's registers
 FWD_TILE, FWD_WARPS = 1024, 2
 BWD_TILE, BWD_WARPS = 2048, 4
 BWD_PROGRAMS_PER_SM = 4  # backward grid ~ this many programs per SM (each one token block of a sample)
+# How the adaLN backward loops prefetch: 0 = by hand (the next tile's loads issued before this tile's math),
+# S >= 2 = Triton's pipeliner (tl.range num_stages=S: S - 1 tiles in flight through shared memory).
+BWD_STAGES = 0
+
+
+def _env_ints(name: str, n: int) -> tuple[int, ...] | None:
+    """NANODIT_FWD_TILES=tile,warps / NANODIT_BWD_TILES=tile,warps,programs_per_sm: override the tiles above
+    (another card, a sweep's winner) without editing code; a malformed value is a one-line error."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        vals = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n or any(v <= 0 for v in vals) or vals[0] & (vals[0] - 1):
+        raise ValueError(
+            f"{name}={raw!r}: expected {n} positive integers 'tile,warps{',programs_per_sm' * (n == 3)}'"
+            " with tile a power of two"
+        )
+    return vals
+
+
+FWD_TILE, FWD_WARPS = _env_ints("NANODIT_FWD_TILES", 2) or (FWD_TILE, FWD_WARPS)
+BWD_TILE, BWD_WARPS, BWD_PROGRAMS_PER_SM = _env_ints("NANODIT_BWD_TILES", 3) or (
+    BWD_TILE,
+    BWD_WARPS,
+    BWD_PROGRAMS_PER_SM,
+)
+if os.environ.get("NANODIT_BWD_STAGES"):
+    _raw = os.environ["NANODIT_BWD_STAGES"]
+    if not _raw.isdigit() or int(_raw) == 1 or int(_raw) > 8:
+        raise ValueError(
+            f"NANODIT_BWD_STAGES={_raw!r}: expected 0 (hand prefetch) or 2..8 (pipeliner stages)"
+        )
+    BWD_STAGES = int(_raw)
 INTERPRET_TILE = 2048  # CPU interpreter: fewer, larger programs (speed there is Python's), still multi-tile
 
 

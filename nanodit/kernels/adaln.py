@@ -69,11 +69,24 @@ def _modulate_fwd_kernel(
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _modulate_bwd_tile(x, dh, mask, scale1, D, EPS: tl.constexpr):
+    """One [ROWS, BLOCK_D] tile of the modulate backward -> (dx fp32, dh * xhat, dh) (the last two summed
+    over rows into dscale, dshift)."""
+    xhat, rstd = _ln_rows(x.to(tl.float32), mask, D, EPS)
+    g32 = dh.to(tl.float32)
+    g = g32 * scale1[None, :]
+    c1 = tl.sum(g * xhat, axis=1) / D
+    c2 = tl.sum(g, axis=1) / D
+    dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    return dx, g32 * xhat, g32
+
+
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _modulate_bwd_kernel(
     DH, X, SCALE, DX, PART,
     T, D, tiles, s_dhb, s_dht, s_xb, s_xt, s_scb, EPS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
     b, B = tl.program_id(1).to(tl.int64), tl.num_programs(1)
@@ -82,26 +95,34 @@ def _modulate_bwd_kernel(
     scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
     acc_scale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    rows = blk * tiles * ROWS + tl.arange(0, ROWS)
-    mask = (rows < T)[:, None] & cmask[None, :]
-    x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
-    dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
-    for i in range(tiles):
-        # issue the next tile's loads first: they fly while this tile computes (software pipelining)
-        nrows = rows + ROWS
-        nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
-        nx = tl.load(X + b * s_xb + nrows[:, None] * s_xt + cols[None, :], mask=nmask, other=0.0)
-        ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
-        xhat, rstd = _ln_rows(x.to(tl.float32), mask, D, EPS)
-        g32 = dh.to(tl.float32)
-        g = g32 * scale1[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        acc_scale += g32 * xhat
-        acc_shift += g32
-        rows, mask, x, dh = nrows, nmask, nx, ndh
+    first = blk * tiles * ROWS + tl.arange(0, ROWS)
+    if STAGES == 0:
+        # hand pipelining: issue the next tile's loads first, they fly while this tile computes
+        rows = first
+        mask = (rows < T)[:, None] & cmask[None, :]
+        x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
+        dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
+        for i in range(tiles):
+            nrows = rows + ROWS
+            nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
+            nx = tl.load(X + b * s_xb + nrows[:, None] * s_xt + cols[None, :], mask=nmask, other=0.0)
+            ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
+            dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, scale1, D, EPS)
+            tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            acc_scale += ds
+            acc_shift += dsh
+            rows, mask, x, dh = nrows, nmask, nx, ndh
+    else:
+        # Triton's pipeliner: loads STAGES - 1 tiles ahead through shared memory (cp.async)
+        for i in tl.range(0, tiles, num_stages=STAGES):
+            rows = first + i * ROWS
+            mask = (rows < T)[:, None] & cmask[None, :]
+            x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
+            dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
+            dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, scale1, D, EPS)
+            tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            acc_scale += ds
+            acc_shift += dsh
     part = PART + (b * nblk + blk) * D + cols  # PART (2, B, nblk, D) fp32
     tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)
     tl.store(part + B * nblk * D, tl.sum(acc_shift, axis=0), mask=cmask)
@@ -134,11 +155,31 @@ def _residual_modulate_fwd_kernel(
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _residual_modulate_bwd_tile(
+    xn, dh, dxn, y, mask, scale1, gate, D, EPS: tl.constexpr, HAS_GATE: tl.constexpr
+):
+    """One tile of the residual_modulate backward -> (dx fp32, dy fp32 (gated), dh * xhat, dh, dx * y)."""
+    xhat, rstd = _ln_rows(xn.to(tl.float32), mask, D, EPS)
+    g32 = dh.to(tl.float32)
+    g = g32 * scale1[None, :]
+    c1 = tl.sum(g * xhat, axis=1) / D
+    c2 = tl.sum(g, axis=1) / D
+    gx = dxn.to(tl.float32) + (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_GATE:
+        gy = gx * gate[None, :]
+        gg = gx * y.to(tl.float32)
+    else:
+        gy = gx
+        gg = gx
+    return gx, gy, g32 * xhat, g32, gg
+
+
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _residual_modulate_bwd_kernel(
     DXN, DH, XN, Y, GATE, SCALE, DX, DY, PART,
     T, D, tiles, s_dxnb, s_dxnt, s_dhb, s_dht, s_yb, s_yt, s_gb, s_scb, EPS: tl.constexpr,
-    HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
     b, B = tl.program_id(1).to(tl.int64), tl.num_programs(1)
@@ -147,43 +188,66 @@ def _residual_modulate_bwd_kernel(
     scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = tl.load(GATE + b * s_gb + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        gate = scale1  # unused
     acc_scale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_gate = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    rows = blk * tiles * ROWS + tl.arange(0, ROWS)
-    mask = (rows < T)[:, None] & cmask[None, :]
-    xn = tl.load(XN + (b * T + rows[:, None]) * D + cols[None, :], mask=mask, other=0.0)
-    dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
-    dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
-    if HAS_GATE:
-        y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
-    else:
-        y = dh  # unused
-    for i in range(tiles):
-        # issue the next tile's loads first: they fly while this tile computes (software pipelining)
-        nrows = rows + ROWS
-        nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
-        nxn = tl.load(XN + (b * T + nrows[:, None]) * D + cols[None, :], mask=nmask, other=0.0)
-        ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
-        ndxn = tl.load(DXN + b * s_dxnb + nrows[:, None] * s_dxnt + cols[None, :], mask=nmask, other=0.0)
+    first = blk * tiles * ROWS + tl.arange(0, ROWS)
+    if STAGES == 0:
+        # hand pipelining: issue the next tile's loads first, they fly while this tile computes
+        rows = first
+        mask = (rows < T)[:, None] & cmask[None, :]
+        xn = tl.load(XN + (b * T + rows[:, None]) * D + cols[None, :], mask=mask, other=0.0)
+        dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
+        dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
         if HAS_GATE:
-            ny = tl.load(Y + b * s_yb + nrows[:, None] * s_yt + cols[None, :], mask=nmask, other=0.0)
+            y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
         else:
-            ny = ndh
-        own = (b * T + rows[:, None]) * D + cols[None, :]  # x_new, dx, dy: contiguous (B, T, D)
-        xhat, rstd = _ln_rows(xn.to(tl.float32), mask, D, EPS)
-        g32 = dh.to(tl.float32)
-        g = g32 * scale1[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        gx = dxn.to(tl.float32) + (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
-        acc_scale += g32 * xhat
-        acc_shift += g32
-        if HAS_GATE:
-            tl.store(DY + own, (gx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
-            acc_gate += gx * y.to(tl.float32)
-        rows, mask, xn, dh, dxn, y = nrows, nmask, nxn, ndh, ndxn, ny
+            y = dh  # unused
+        for i in range(tiles):
+            nrows = rows + ROWS
+            nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
+            nxn = tl.load(XN + (b * T + nrows[:, None]) * D + cols[None, :], mask=nmask, other=0.0)
+            ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
+            ndxn = tl.load(DXN + b * s_dxnb + nrows[:, None] * s_dxnt + cols[None, :], mask=nmask, other=0.0)
+            if HAS_GATE:
+                ny = tl.load(Y + b * s_yb + nrows[:, None] * s_yt + cols[None, :], mask=nmask, other=0.0)
+            else:
+                ny = ndh
+            own = (b * T + rows[:, None]) * D + cols[None, :]  # x_new, dx, dy: contiguous (B, T, D)
+            gx, gy, ds, dsh, dg = _residual_modulate_bwd_tile(
+                xn, dh, dxn, y, mask, scale1, gate, D, EPS, HAS_GATE
+            )
+            tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
+            acc_scale += ds
+            acc_shift += dsh
+            if HAS_GATE:
+                tl.store(DY + own, gy.to(DY.dtype.element_ty), mask=mask)
+                acc_gate += dg
+            rows, mask, xn, dh, dxn, y = nrows, nmask, nxn, ndh, ndxn, ny
+    else:
+        # Triton's pipeliner: loads STAGES - 1 tiles ahead through shared memory (cp.async)
+        for i in tl.range(0, tiles, num_stages=STAGES):
+            rows = first + i * ROWS
+            mask = (rows < T)[:, None] & cmask[None, :]
+            own = (b * T + rows[:, None]) * D + cols[None, :]
+            xn = tl.load(XN + own, mask=mask, other=0.0)
+            dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
+            dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
+            if HAS_GATE:
+                y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
+            else:
+                y = dh  # unused
+            gx, gy, ds, dsh, dg = _residual_modulate_bwd_tile(
+                xn, dh, dxn, y, mask, scale1, gate, D, EPS, HAS_GATE
+            )
+            tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
+            acc_scale += ds
+            acc_shift += dsh
+            if HAS_GATE:
+                tl.store(DY + own, gy.to(DY.dtype.element_ty), mask=mask)
+                acc_gate += dg
     part = PART + (b * nblk + blk) * D + cols  # PART (2 or 3, B, nblk, D) fp32: scale, shift[, gate]
     plane = B * nblk * D
     tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)
@@ -223,7 +287,7 @@ def _modulate_bwd(
     L.target(_modulate_bwd_kernel, traced)[(nblk, B)](
         dh, x, scale, dx, part, T, D, tiles,
         dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0), LN_EPS,
-        ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+        ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps,
     )  # fmt: skip
     dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
     return dx, dshift, dscale
@@ -283,7 +347,7 @@ def _residual_modulate_bwd(
         dxn, dh, xn, y, g, scale, dx, dy, part, T, D, tiles,
         dxn.stride(0), dxn.stride(1), dh.stride(0), dh.stride(1), y.stride(0), y.stride(1),
         g.stride(0), scale.stride(0), LN_EPS,
-        HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+        HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps,
     )  # fmt: skip
     if has_gate:
         dscale, dshift, dgate = L.sum_blocks(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import ROW_CASES, compare, fresh_seed, make_rows, make_vecs
+from kernel_cases import DEVICE, ROW_CASES, compare, fresh_seed, make_rows, make_vecs
 
+from nanodit.kernels import _launch
 from nanodit.kernels.adaln import adaln_modulate, residual_adaln_modulate
 from nanodit.kernels.ref import adaln_modulate_ref, residual_adaln_modulate_ref
 
@@ -39,6 +40,31 @@ def test_residual_modulate_matches_ref(shape, dtype, layout, sliced, gated):
     diff = [0, 1, 2, 3, 4] if gated else [0, 1, 3, 4]
     name = f"residual_modulate {shape} {dtype} {layout} sliced={sliced} gated={gated}"
     compare(name, residual_adaln_modulate, residual_adaln_modulate_ref, args, diff, layout, seed)
+
+
+PIPELINE_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", PIPELINE_DTYPES, ids=str)
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("gated", [True, False, None], ids=["gate", "nogate", "modulate"])
+def test_pipelined_backward_matches_ref(monkeypatch, stages, gated, dtype):
+    """The backward loops through Triton's pipeliner (_launch.BWD_STAGES >= 2, the other loop of the two
+    adaLN backward kernels) obey the same rule; several tiles per program and a ragged last tile."""
+    monkeypatch.setattr(_launch, "BWD_STAGES", stages)
+    monkeypatch.setattr(_launch, "BWD_PROGRAMS_PER_SM", 1)  # few programs -> long loops
+    seed = fresh_seed()
+    B, T, D = 2, 301, 384
+    x = make_rows(B, T, D, dtype, "bt_transposed", loc=0.5)
+    shift, scale, gate = make_vecs(B, D, 3, dtype, True)
+    name = f"pipelined({stages}) {dtype} gated={gated}"
+    if gated is None:
+        compare(name, adaln_modulate, adaln_modulate_ref, (x, shift, scale), [0, 1, 2], "contig", seed)
+        return
+    y = make_rows(B, T, D, dtype, "contig")
+    args = (x, y, gate if gated else None, shift, scale)
+    diff = [0, 1, 2, 3, 4] if gated else [0, 1, 3, 4]
+    compare(name, residual_adaln_modulate, residual_adaln_modulate_ref, args, diff, "row_padded", seed)
 
 
 def test_mixed_dtypes_follow_promotion():

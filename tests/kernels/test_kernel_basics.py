@@ -92,6 +92,31 @@ def test_bad_input_is_a_one_line_error(case):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "name, raw, want",
+    [
+        ("NANODIT_BWD_TILES", "2048,4,16", (2048, 4, 16)),
+        ("NANODIT_FWD_TILES", "512,1", (512, 1)),
+        ("NANODIT_BWD_TILES", "2048,4", None),
+        ("NANODIT_FWD_TILES", "1000,2", None),
+        ("NANODIT_FWD_TILES", "a,b", None),
+        ("NANODIT_BWD_TILES", "2048,0,4", None),
+    ],
+)
+def test_tile_override_from_the_environment(monkeypatch, name, raw, want):
+    """A sweep's winner can be set without editing code; a malformed value is a one-line error naming it."""
+    n = 3 if name.startswith("NANODIT_BWD") else 2
+    monkeypatch.setenv(name, raw)
+    if want is None:
+        with pytest.raises(ValueError, match=name) as info:
+            _launch._env_ints(name, n)
+        assert "\n" not in str(info.value)
+    else:
+        assert _launch._env_ints(name, n) == want
+    monkeypatch.delenv(name)
+    assert _launch._env_ints(name, n) is None
+
+
 def test_backward_is_bitwise_deterministic():
     """The two-stage reductions over T (dshift, dscale, dgate) give identical bits run after run."""
     T = 1024 if DEVICE.type == "cuda" else 45
