@@ -290,20 +290,20 @@ def load_records(path: str) -> list[dict]:
     return data["records"]
 
 
-# Swept on an H200 (bench/results/h200-2026-11-27-s3/kernels_sweep_1.txt): 1024-element tiles on 1 warp lead the
-# forward; for the backward more programs per SM (16-64: shorter loops, against a suspected wave-quantisation
-# loss) did not help, so the second sweep varies how the loop prefetches (stages: 0 = by hand, S = Triton's
-# pipeliner with S - 1 tiles in flight through shared memory).
-FWD_SWEEP = [(1024, 1), (1024, 2), (2048, 2), (512, 1)]
+# Swept on an H200 (bench/results/h200-2026-11-27-s3/): kernels_sweep_1.txt varied tiles and programs per SM
+# (more, shorter programs did not help the backward); kernels_sweep_2.txt added how the backward loop
+# prefetches (0 = the next tile by hand, since removed; S = Triton's pipeliner, S - 1 tiles in flight).
+# Stages apply to the adaLN backward kernels; the gated-residual backward takes the tile and warps only.
+FWD_SWEEP = [(2048, 2), (1024, 1), (1024, 2), (4096, 4)]
 BWD_SWEEP = [  # (tile, warps, programs per SM, stages)
-    (2048, 4, 4, 0), (1024, 2, 4, 0), (2048, 4, 4, 2), (2048, 4, 4, 3), (2048, 4, 4, 4), (1024, 2, 4, 2),
-    (1024, 2, 4, 3), (1024, 2, 8, 3), (2048, 4, 8, 3), (2048, 4, 2, 3), (2048, 8, 4, 3), (4096, 8, 4, 3),
+    (1024, 2, 4, 3), (2048, 4, 4, 3), (1024, 2, 4, 1), (1024, 2, 4, 2), (1024, 2, 4, 4), (1024, 2, 8, 3),
+    (2048, 4, 4, 1), (2048, 4, 2, 3), (512, 1, 4, 3), (1024, 4, 4, 3),
 ]  # fmt: skip
 
 
 def sweep(shapes: list[str], env_out: str | None = None) -> None:
     """Print % of copy bandwidth of the triton row kernels for each tile config of ``_launch`` (the knobs
-    FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM/BWD_STAGES) and the best of each direction
+    FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM/BWD_STAGES, RES_BWD_*) and the best of each direction
     (geometric mean over kernels and shapes); ``env_out`` gets them as NANODIT_*_TILES/STAGES exports, so
     that a script can measure and test the winner in the same session before it is written into _launch."""
     import math
@@ -334,7 +334,7 @@ def sweep(shapes: list[str], env_out: str | None = None) -> None:
             best["fwd"] = (gmean(vals), f"{tile},{warps}")
     for tile, warps, per_sm, stages in BWD_SWEEP:
         _launch.BWD_TILE, _launch.BWD_WARPS, _launch.BWD_PROGRAMS_PER_SM = tile, warps, per_sm
-        _launch.BWD_STAGES = stages
+        _launch.RES_BWD_TILE, _launch.RES_BWD_WARPS, _launch.BWD_STAGES = tile, warps, stages
         vals = [pct(k, "bwd", s) for k in rows for s in shapes]
         cells = "".join(f" {v:5.1f}" for v in vals)
         print(

@@ -41,16 +41,20 @@ BACKENDS = ("auto", "flash", "cudnn", "sdpa", "flex", "math")
 # 256 with random valid lengths, "self": 1024 keys, no mask.  Keyed by CUDA compute capability; used for
 # fp16 and bf16 (fp32 always goes to plain sdpa).  Names: "cudnn" (SDPA cuDNN kernel), "sdpa-efficient"
 # and "sdpa-flash" (SDPA's memory-efficient and flash kernels), "flash" (flash-attn-4, seqused_k),
-# "flex" (compiled FlexAttention).  Update from `python bench/bench_attention.py` on the card.
+# "flex" (compiled FlexAttention).  The times are eager calls (host launch cost included: what an
+# un-graphed step pays, and the ranking that is safe in every mode). Replayed in CUDA graphs (GPU time
+# only) flash-attn-4 is the fastest: cross 0.147 ms (cuDNN 0.181), self 0.232 ms (cuDNN 0.254, 389 vs 355
+# TFLOP/s) -- choose model.attention=flash for graph-captured runs (compile_mode=reduce-overhead); its
+# launch path costs more host time, so eager it loses. FlexAttention faulted in the benchmark (see
+# bench/results/README.md) and has no row.  Update from `python bench/bench_attention.py` on the card.
 AUTO_TABLE: dict[tuple[int, int], dict] = {
     (9, 0): {
         "source": (
-            "NVIDIA H200, torch 2.11.0+cu130, cuDNN 9.19, 2026-11-27, CUDA-graph replay "
-            "(bench/results/h200-2026-11-27/attention.json); flash and flex: DESIGN.md's H200 numbers, "
-            "not re-measured"
+            "NVIDIA H200, torch 2.11.0+cu130, cuDNN 9.19, flash-attn-4 4.0.0b36, 2026-11-27, eager fwd+bwd "
+            "(bench/results/h200-2026-11-27-s3/attention.json)"
         ),
-        "cross": {"cudnn": 0.1807, "sdpa-efficient": 0.3085, "flash": 0.55, "flex": 0.86},
-        "self": {"cudnn": 0.2522, "sdpa-flash": 0.3703, "flash": 0.56, "sdpa-efficient": 0.8415},
+        "cross": {"cudnn": 0.6766, "sdpa-efficient": 0.7319, "flash": 1.0394},
+        "self": {"cudnn": 0.2735, "flash": 0.3816, "sdpa-flash": 0.5052, "sdpa-efficient": 0.8881},
     },
 }
 
@@ -199,8 +203,9 @@ def attention_flex(
     if kv_mask is not None:
         kv_mask, v = _no_empty_rows(kv_mask, v)
         lens = kv_mask.sum(1, dtype=torch.int32)  # (B,) >= 1
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not q.is_cuda:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if needs_grad:
             raise ValueError(
                 "model.attention='flex' has no backward on CPU in torch (forward only); use sdpa on CPU"
             )
@@ -208,6 +213,11 @@ def attention_flex(
         return _flex_core(q.detach(), k.detach(), v.detach(), lens)
     if torch.compiler.is_compiling():
         return _flex_core(q, k, v, lens)  # the enclosing torch.compile compiles flex too
+    if not needs_grad:
+        # Forward-only calls (sampling, validation) run flex uncompiled (the scores are materialised, fine at
+        # sampling batch sizes): torch 2.11's compiled forward-only flex kernel faulted on an H200 with this
+        # key-prefix block mask (illegal memory access; scripts/debug_flex.py, bench/results/h200-2026-11-27-s3)
+        return _flex_core(q.detach(), k.detach(), v.detach(), lens)
     if _flex_compiled is None:
         _flex_compiled = torch.compile(_flex_core, dynamic=False)
     return _flex_compiled(q, k, v, lens)

@@ -29,6 +29,8 @@ def device_busy(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
     for e in prof.key_averages():
         if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
             continue
+        if getattr(e, "is_user_annotation", False) or e.key in REGIONS:
+            continue  # a record_function range seen on the GPU timeline (e.g. "Optimizer.step#AdamW.step"): a span, not work
         us = getattr(e, "self_device_time_total", None)
         us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
         total += us
@@ -41,10 +43,10 @@ def device_busy(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
 
 def host_regions(prof, steps: int) -> dict[str, float]:
     """Host ms per step inside each ``record_function`` region of REGIONS (CPU wall time of the range)."""
-    out = {}
-    for e in prof.key_averages():
-        if e.key in REGIONS:
-            out[e.key] = round(e.cpu_time_total / steps / 1e3, 3)
+    out: dict[str, float] = {}
+    for e in prof.key_averages():  # a region appears twice on CUDA: its CPU range and its GPU-timeline span
+        if e.key in REGIONS and "CUDA" not in str(getattr(e, "device_type", "")):
+            out[e.key] = max(out.get(e.key, 0.0), round(e.cpu_time_total / steps / 1e3, 3))
     return out
 
 

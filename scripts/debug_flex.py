@@ -30,7 +30,26 @@ def stage(name, fn):
 
 
 case = sys.argv[1] if len(sys.argv) > 1 else "cross"
+variant = sys.argv[2] if len(sys.argv) > 2 else "stages"
 q, k, v, mask, dout, valid = BA.make_inputs(case)
+if variant != "stages":
+    # forward-only calls, each variant in its own process (a fault poisons the CUDA context):
+    #   leaves    the benchmark's inputs (leaves that require grad) under no_grad: the faulting call
+    #   detached  inputs that do not require grad, under no_grad (what sampling does), compiled flex
+    #   eager     torch's flex_attention uncompiled (scores materialised), no_grad
+    from nanodit import attention as A
+
+    lens = mask.sum(1, dtype=torch.int32) if mask is not None else None
+    with torch.no_grad():
+        if variant == "leaves":
+            stage("no_grad forward, leaves", lambda: BA.provider_fn("flex")(q, k, v, mask))
+        elif variant == "detached":
+            qd, kd, vd = (t.detach() for t in (q, k, v))
+            stage("no_grad forward, detached", lambda: BA.provider_fn("flex")(qd, kd, vd, mask))
+        elif variant == "eager":
+            qd, kd, vd = (t.detach() for t in (q, k, v))
+            stage("no_grad forward, uncompiled", lambda: A._flex_core(qd, kd, vd, lens))
+    sys.exit(0)
 print(case, "lens", None if mask is None else mask.sum(1).tolist(), flush=True)
 fn = BA.provider_fn("flex")
 out = stage("forward (grad)", lambda: fn(q, k, v, mask))

@@ -71,7 +71,10 @@ if [ -d .whl_loader ]; then
 else
   echo "gpu_loaders: no .whl_loader carried; using what the image has"
 fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# /tmp/site: the base wheels of scripts/gpu_session.sh setup (omegaconf: the config-driven loader tests need it;
+# without it 3 tests failed with ModuleNotFoundError on the H200, third session)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+$PY -c "import omegaconf" 2>/dev/null || echo "gpu_loaders: omegaconf missing: run 'bash scripts/gpu_session.sh setup' first (carry .whl)"
 
 $PY - <<'EOF' || exit 2
 import torch

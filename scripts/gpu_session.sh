@@ -53,7 +53,7 @@ phase_tests() {
 }
 
 phase_kernel_tests() {
-  timeout ${KT_TIMEOUT:-330} python3 -m pytest -q tests/kernels -p no:cacheprovider --durations=5 \
+  timeout ${KT_TIMEOUT:-600} python3 -m pytest -q tests/kernels -p no:cacheprovider --durations=5 \
     --junitxml="$OUT/kernels_tests.xml" > "$OUT/kernels_tests.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/kernels_tests.log" | head -20
   tail -3 "$OUT/kernels_tests.log"
@@ -83,8 +83,9 @@ try:
     s = json.load(open(f"{d}/summary.json"))
     steady = rows[2:]  # skip the first 100 steps (compile, warm-up)
     ms = sum(r["ms_per_step"] for r in steady) / len(steady)
+    sps = sum(r["samples_per_s"] for r in steady) / len(steady)  # the real batches (partial ones included)
     print(json.dumps({"precision": prec, "compile": comp, "compile_mode": cmode, "kernels": k, "ms_per_step": ms,
-                      "samples_per_s": 16000 / ms, "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+                      "samples_per_s": sps, "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
                       "peak_memory_gb": s["peak_memory_gb"], "device": s["device"],
                       "data_wait_frac": sum(r.get("data_wait_frac", 0) for r in steady) / len(steady),
                       "extra": os.environ.get("TRAIN_ARGS", "")}))
@@ -128,9 +129,13 @@ phase_profile() {
 }
 
 phase_flex_debug() {
-  for c in cross self; do
+  [ "${FLEX_STAGES:-1}" = 1 ] && for c in cross self; do
     CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 scripts/debug_flex.py $c > "$OUT/flex_debug_$c.log" 2>&1
     grep -v "^W[0-9]" "$OUT/flex_debug_$c.log" | grep -E "ok$|FAILED|Error|error" | head -12
+  done
+  for v in leaves detached eager; do
+    CUDA_LAUNCH_BLOCKING=1 timeout 100 python3 scripts/debug_flex.py cross $v > "$OUT/flex_nograd_$v.log" 2>&1
+    echo "$v: $(grep -v "^W[0-9]" "$OUT/flex_nograd_$v.log" | grep -E "ok$|FAILED|Error" | head -2 | tr '\n' ' ')"
   done
 }
 

@@ -222,6 +222,31 @@ def test_fully_masked_row_gives_zeros(backend, device, dtype, case, seed):
         assert torch.count_nonzero(dv[0]) == 0
 
 
+@GPU
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["flex", "cudnn", "sdpa", "flash", "auto"])
+@pytest.mark.parametrize("detached", [True, False], ids=["sampling", "leaves"])
+def test_forward_only_at_the_nano_shape_matches_reference(backend, detached, seed):
+    """Sampling and validation call attention under no_grad at the training shape (16 x 1024 queries, <= 256
+    keys). torch 2.11's compiled forward-only FlexAttention faulted there on an H200 (illegal memory access,
+    scripts/debug_flex.py), so flex runs uncompiled for forward-only calls; every backend's no-grad forward,
+    with inputs that do or do not require grad, matches the reference."""
+    reason = backend_skip(backend, "cuda", torch.bfloat16)
+    if reason:
+        pytest.skip(reason)
+    q, k, v, mask, _ = make(
+        ("nano", 16, 1024, 256, 6, 64, torch.randint(1, 257, (16,)).tolist()), "cuda", torch.bfloat16
+    )
+    if not detached:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        out = impl(backend)(q, k, v, mask)
+    torch.cuda.synchronize()
+    assert_close_rule(
+        out, ref64(q, k, v, mask), lowp(q, k, v, mask), torch.bfloat16, f"{backend} no-grad", seed
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # auto, errors, torch.compile
 

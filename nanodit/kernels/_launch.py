@@ -6,8 +6,8 @@ itself does not).
 
 Tiles. A row kernel holds a [ROWS, BLOCK_D] tile in registers: BLOCK_D = next power of two >= D
 (the tail is masked), ROWS so a tile is FWD_TILE / BWD_TILE elements; many small programs per SM keep
-the ~30 KB/SM in flight that HBM3e needs at ~1 us latency, and the backward's loop issues the next
-tile's loads before it computes the current one.
+the ~30 KB/SM in flight that HBM3e needs at ~1 us latency, and the adaLN backward loops are pipelined by
+Triton (``tl.range(num_stages=BWD_STAGES)``: the next tiles' loads fly while this one computes).
 Loads are 16-byte vectors whenever D and the row stride are multiples of 16 (Triton specialises
 integer arguments divisible by 16, so D and every stride stay specialised: a batch stride of unknown
 divisibility alone makes every row address unaligned and the loads scalar); other D still work, with
@@ -32,21 +32,25 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 MAX_D = 32768  # one row must fit a program's registers
-# Tile sizes (elements of one [ROWS, BLOCK_D] tile) and warps. Measured on an H200 (bf16, D=384, sweep of
-# bench/bench_kernels.py's cases): for the forward, small programs (2 rows x 512 on 2 warps) beat 4-8 KB
-# tiles by 10-20 points of copy bandwidth at the large shape; for the backward, 4 warps on 2048-element
-# tiles, ~4 programs per SM, was best before the loop prefetched its next tile (not re-swept since).
-FWD_TILE, FWD_WARPS = 1024, 2
-BWD_TILE, BWD_WARPS = 2048, 4
+# Tile sizes (elements of one [ROWS, BLOCK_D] tile), warps and pipelining. From the sweep of bench_kernels.py
+# --sweep on an H200 (bf16, D=384; bench/results/h200-2026-11-27-s3/kernels_sweep_2.txt, % of copy bandwidth
+# at the large shape, old -> new in the same run):
+# - forward: 2048-element tiles on 2 warps (modulate 74.7 -> 86.1%, the others within a point);
+# - adaLN backward (modulate, residual_modulate): 1024-element tiles on 2 warps, ~4 programs per SM, the loop
+#   pipelined by Triton with 3 stages (2 tiles in flight through shared memory): modulate 56.0 -> 59.3%,
+#   residual_modulate 70.1 -> 74.7%; more programs per SM (shorter loops) did not help (kernels_sweep_1.txt);
+# - gated-residual backward: 2048-element tiles on 4 warps (83-85%; 1024 x 2 gives it 71%).
+FWD_TILE, FWD_WARPS = 2048, 2
+BWD_TILE, BWD_WARPS = 1024, 2
+BWD_STAGES = 3  # tl.range(num_stages=...) of the adaLN backward loops; 1 = no pipelining
+RES_BWD_TILE, RES_BWD_WARPS = 2048, 4
 BWD_PROGRAMS_PER_SM = 4  # backward grid ~ this many programs per SM (each one token block of a sample)
-# How the adaLN backward loops prefetch: 0 = by hand (the next tile's loads issued before this tile's math),
-# S >= 2 = Triton's pipeliner (tl.range num_stages=S: S - 1 tiles in flight through shared memory).
-BWD_STAGES = 0
 
 
 def _env_ints(name: str, n: int) -> tuple[int, ...] | None:
-    """NANODIT_FWD_TILES=tile,warps / NANODIT_BWD_TILES=tile,warps,programs_per_sm: override the tiles above
-    (another card, a sweep's winner) without editing code; a malformed value is a one-line error."""
+    """Override a tile config from the environment (another card, a sweep's winner) without editing code:
+    NANODIT_FWD_TILES=tile,warps, NANODIT_BWD_TILES=tile,warps,programs_per_sm (adaLN backward),
+    NANODIT_RES_BWD_TILES=tile,warps (gated-residual backward); a malformed value is a one-line error."""
     raw = os.environ.get(name)
     if not raw:
         return None
@@ -68,12 +72,11 @@ BWD_TILE, BWD_WARPS, BWD_PROGRAMS_PER_SM = _env_ints("NANODIT_BWD_TILES", 3) or 
     BWD_WARPS,
     BWD_PROGRAMS_PER_SM,
 )
+RES_BWD_TILE, RES_BWD_WARPS = _env_ints("NANODIT_RES_BWD_TILES", 2) or (RES_BWD_TILE, RES_BWD_WARPS)
 if os.environ.get("NANODIT_BWD_STAGES"):
     _raw = os.environ["NANODIT_BWD_STAGES"]
-    if not _raw.isdigit() or int(_raw) == 1 or int(_raw) > 8:
-        raise ValueError(
-            f"NANODIT_BWD_STAGES={_raw!r}: expected 0 (hand prefetch) or 2..8 (pipeliner stages)"
-        )
+    if not _raw.isdigit() or not 1 <= int(_raw) <= 8:
+        raise ValueError(f"NANODIT_BWD_STAGES={_raw!r}: expected 1..8 (pipeline stages; 1 = none)")
     BWD_STAGES = int(_raw)
 INTERPRET_TILE = 2048  # CPU interpreter: fewer, larger programs (speed there is Python's), still multi-tile
 
@@ -114,12 +117,15 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.type, device.index)
 
 
-def row_config(D: int, bwd: bool, interpreted: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_D, ROWS, num_warps) of a row kernel for width D."""
+def row_config(D: int, bwd: bool, interpreted: bool = False, residual: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of a row kernel for width D (``residual``: the gated-residual backward)."""
     if D > MAX_D:
         raise ValueError(f"kernels: width D={D} is above the row kernels' limit {MAX_D}; use kernels=ref")
     block_d = triton.next_power_of_2(D)
-    tile, warps = (BWD_TILE, BWD_WARPS) if bwd else (FWD_TILE, FWD_WARPS)
+    if bwd:
+        tile, warps = (RES_BWD_TILE, RES_BWD_WARPS) if residual else (BWD_TILE, BWD_WARPS)
+    else:
+        tile, warps = FWD_TILE, FWD_WARPS
     tile = INTERPRET_TILE if interpreted else tile
     # wide rows: keep ~16 elements per thread (two or four 16-byte loads per tensor)
     return block_d, max(1, tile // block_d), max(warps, min(16, block_d // 512))

@@ -96,33 +96,17 @@ def _modulate_bwd_kernel(
     acc_scale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     first = blk * tiles * ROWS + tl.arange(0, ROWS)
-    if STAGES == 0:
-        # hand pipelining: issue the next tile's loads first, they fly while this tile computes
-        rows = first
+    # Triton's pipeliner issues the loads of the next STAGES - 1 tiles (through shared memory) while this
+    # tile computes: deeper in flight than prefetching one tile by hand (kernels_sweep_2.txt)
+    for i in tl.range(0, tiles, num_stages=STAGES):
+        rows = first + i * ROWS
         mask = (rows < T)[:, None] & cmask[None, :]
         x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
         dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
-        for i in range(tiles):
-            nrows = rows + ROWS
-            nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
-            nx = tl.load(X + b * s_xb + nrows[:, None] * s_xt + cols[None, :], mask=nmask, other=0.0)
-            ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
-            dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, scale1, D, EPS)
-            tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            acc_scale += ds
-            acc_shift += dsh
-            rows, mask, x, dh = nrows, nmask, nx, ndh
-    else:
-        # Triton's pipeliner: loads STAGES - 1 tiles ahead through shared memory (cp.async)
-        for i in tl.range(0, tiles, num_stages=STAGES):
-            rows = first + i * ROWS
-            mask = (rows < T)[:, None] & cmask[None, :]
-            x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
-            dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
-            dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, scale1, D, EPS)
-            tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            acc_scale += ds
-            acc_shift += dsh
+        dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, scale1, D, EPS)
+        tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        acc_scale += ds
+        acc_shift += dsh
     part = PART + (b * nblk + blk) * D + cols  # PART (2, B, nblk, D) fp32
     tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)
     tl.store(part + B * nblk * D, tl.sum(acc_shift, axis=0), mask=cmask)
@@ -194,60 +178,26 @@ def _residual_modulate_bwd_kernel(
     acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_gate = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     first = blk * tiles * ROWS + tl.arange(0, ROWS)
-    if STAGES == 0:
-        # hand pipelining: issue the next tile's loads first, they fly while this tile computes
-        rows = first
+    for i in tl.range(0, tiles, num_stages=STAGES):  # pipelined like _modulate_bwd_kernel's loop
+        rows = first + i * ROWS
         mask = (rows < T)[:, None] & cmask[None, :]
-        xn = tl.load(XN + (b * T + rows[:, None]) * D + cols[None, :], mask=mask, other=0.0)
+        own = (b * T + rows[:, None]) * D + cols[None, :]  # x_new, dx, dy: contiguous (B, T, D)
+        xn = tl.load(XN + own, mask=mask, other=0.0)
         dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
         dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
         if HAS_GATE:
             y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
         else:
             y = dh  # unused
-        for i in range(tiles):
-            nrows = rows + ROWS
-            nmask = ((nrows < T) & (i + 1 < tiles))[:, None] & cmask[None, :]
-            nxn = tl.load(XN + (b * T + nrows[:, None]) * D + cols[None, :], mask=nmask, other=0.0)
-            ndh = tl.load(DH + b * s_dhb + nrows[:, None] * s_dht + cols[None, :], mask=nmask, other=0.0)
-            ndxn = tl.load(DXN + b * s_dxnb + nrows[:, None] * s_dxnt + cols[None, :], mask=nmask, other=0.0)
-            if HAS_GATE:
-                ny = tl.load(Y + b * s_yb + nrows[:, None] * s_yt + cols[None, :], mask=nmask, other=0.0)
-            else:
-                ny = ndh
-            own = (b * T + rows[:, None]) * D + cols[None, :]  # x_new, dx, dy: contiguous (B, T, D)
-            gx, gy, ds, dsh, dg = _residual_modulate_bwd_tile(
-                xn, dh, dxn, y, mask, scale1, gate, D, EPS, HAS_GATE
-            )
-            tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
-            acc_scale += ds
-            acc_shift += dsh
-            if HAS_GATE:
-                tl.store(DY + own, gy.to(DY.dtype.element_ty), mask=mask)
-                acc_gate += dg
-            rows, mask, xn, dh, dxn, y = nrows, nmask, nxn, ndh, ndxn, ny
-    else:
-        # Triton's pipeliner: loads STAGES - 1 tiles ahead through shared memory (cp.async)
-        for i in tl.range(0, tiles, num_stages=STAGES):
-            rows = first + i * ROWS
-            mask = (rows < T)[:, None] & cmask[None, :]
-            own = (b * T + rows[:, None]) * D + cols[None, :]
-            xn = tl.load(XN + own, mask=mask, other=0.0)
-            dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
-            dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
-            if HAS_GATE:
-                y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
-            else:
-                y = dh  # unused
-            gx, gy, ds, dsh, dg = _residual_modulate_bwd_tile(
-                xn, dh, dxn, y, mask, scale1, gate, D, EPS, HAS_GATE
-            )
-            tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
-            acc_scale += ds
-            acc_shift += dsh
-            if HAS_GATE:
-                tl.store(DY + own, gy.to(DY.dtype.element_ty), mask=mask)
-                acc_gate += dg
+        gx, gy, ds, dsh, dg = _residual_modulate_bwd_tile(
+            xn, dh, dxn, y, mask, scale1, gate, D, EPS, HAS_GATE
+        )
+        tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
+        acc_scale += ds
+        acc_shift += dsh
+        if HAS_GATE:
+            tl.store(DY + own, gy.to(DY.dtype.element_ty), mask=mask)
+            acc_gate += dg
     part = PART + (b * nblk + blk) * D + cols  # PART (2 or 3, B, nblk, D) fp32: scale, shift[, gate]
     plane = B * nblk * D
     tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)

@@ -94,7 +94,9 @@ def _gated_residual_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dout, gate, y = L.rows3d(dout), L.rows2d(gate), L.rows3d(y)
     B, T, D = y.shape
-    block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_gated_residual_bwd_kernel))
+    block_d, rows, warps = L.row_config(
+        D, bwd=True, interpreted=L.is_interpreted(_gated_residual_bwd_kernel), residual=True
+    )
     nblk, tiles = L.t_blocks(B, T, rows, y.device)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
     part = torch.empty((B, nblk, D), dtype=torch.float32, device=y.device)

@@ -97,6 +97,7 @@ def test_bad_input_is_a_one_line_error(case):
     [
         ("NANODIT_BWD_TILES", "2048,4,16", (2048, 4, 16)),
         ("NANODIT_FWD_TILES", "512,1", (512, 1)),
+        ("NANODIT_RES_BWD_TILES", "4096,8", (4096, 8)),
         ("NANODIT_BWD_TILES", "2048,4", None),
         ("NANODIT_FWD_TILES", "1000,2", None),
         ("NANODIT_FWD_TILES", "a,b", None),
@@ -105,7 +106,7 @@ def test_bad_input_is_a_one_line_error(case):
 )
 def test_tile_override_from_the_environment(monkeypatch, name, raw, want):
     """A sweep's winner can be set without editing code; a malformed value is a one-line error naming it."""
-    n = 3 if name.startswith("NANODIT_BWD") else 2
+    n = 3 if name == "NANODIT_BWD_TILES" else 2
     monkeypatch.setenv(name, raw)
     if want is None:
         with pytest.raises(ValueError, match=name) as info:
