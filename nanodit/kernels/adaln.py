@@ -139,26 +139,6 @@ def _residual_modulate_fwd_kernel(
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _residual_modulate_bwd_tile(
-    xn, dh, dxn, y, mask, scale1, gate, D, EPS: tl.constexpr, HAS_GATE: tl.constexpr
-):
-    """One tile of the residual_modulate backward -> (dx fp32, dy fp32 (gated), dh * xhat, dh, dx * y)."""
-    xhat, rstd = _ln_rows(xn.to(tl.float32), mask, D, EPS)
-    g32 = dh.to(tl.float32)
-    g = g32 * scale1[None, :]
-    c1 = tl.sum(g * xhat, axis=1) / D
-    c2 = tl.sum(g, axis=1) / D
-    gx = dxn.to(tl.float32) + (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    if HAS_GATE:
-        gy = gx * gate[None, :]
-        gg = gx * y.to(tl.float32)
-    else:
-        gy = gx
-        gg = gx
-    return gx, gy, g32 * xhat, g32, gg
-
-
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _residual_modulate_bwd_kernel(
     DXN, DH, XN, Y, GATE, SCALE, DX, DY, PART,
@@ -172,8 +152,6 @@ def _residual_modulate_bwd_kernel(
     scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
     if HAS_GATE:
         gate = tl.load(GATE + b * s_gb + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        gate = scale1  # unused
     acc_scale = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_shift = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_gate = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
@@ -187,17 +165,14 @@ def _residual_modulate_bwd_kernel(
         dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
         if HAS_GATE:
             y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
-        else:
-            y = dh  # unused
-        gx, gy, ds, dsh, dg = _residual_modulate_bwd_tile(
-            xn, dh, dxn, y, mask, scale1, gate, D, EPS, HAS_GATE
-        )
+        dx, ds, dsh = _modulate_bwd_tile(xn, dh, mask, scale1, D, EPS)
+        gx = dxn.to(tl.float32) + dx  # the residual stream's gradient passes straight through
         tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
         acc_scale += ds
         acc_shift += dsh
         if HAS_GATE:
-            tl.store(DY + own, gy.to(DY.dtype.element_ty), mask=mask)
-            acc_gate += dg
+            tl.store(DY + own, (gx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+            acc_gate += gx * y.to(tl.float32)
     part = PART + (b * nblk + blk) * D + cols  # PART (2 or 3, B, nblk, D) fp32: scale, shift[, gate]
     plane = B * nblk * D
     tl.store(part, tl.sum(acc_scale, axis=0), mask=cmask)
