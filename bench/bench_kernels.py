@@ -322,33 +322,32 @@ def sweep(shapes: list[str], env_out: str | None = None) -> None:
 
     print(f"% of copy bandwidth ({copy_gbs:.0f} GB/s); columns: {', '.join(rows)} x {', '.join(shapes)}")
     best = {}
+
+    def row(direction: str, label: str, key: tuple) -> None:
+        vals = [pct(k, direction, s) for k in rows for s in shapes]
+        cells = "".join(f" {v:5.1f}" for v in vals)
+        print(f"{direction} {label:40s}{cells}  gmean {gmean(vals):5.1f}", flush=True)
+        if gmean(vals) > best.get(direction, (0.0,))[0]:
+            best[direction] = (gmean(vals), key)
+
     for tile, warps in FWD_SWEEP:
         _launch.FWD_TILE, _launch.FWD_WARPS = tile, warps
-        vals = [pct(k, "fwd", s) for k in rows for s in shapes]
-        cells = "".join(f" {v:5.1f}" for v in vals)
-        print(
-            f"fwd tile {tile:5d} warps {warps:2d}                   {cells}  gmean {gmean(vals):5.1f}",
-            flush=True,
-        )
-        if gmean(vals) > best.get("fwd", (0,))[0]:
-            best["fwd"] = (gmean(vals), f"{tile},{warps}")
+        row("fwd", f"tile {tile:5d} warps {warps:2d}", (tile, warps))
     for tile, warps, per_sm, stages in BWD_SWEEP:
         _launch.BWD_TILE, _launch.BWD_WARPS, _launch.BWD_PROGRAMS_PER_SM = tile, warps, per_sm
         _launch.RES_BWD_TILE, _launch.RES_BWD_WARPS, _launch.BWD_STAGES = tile, warps, stages
-        vals = [pct(k, "bwd", s) for k in rows for s in shapes]
-        cells = "".join(f" {v:5.1f}" for v in vals)
-        print(
-            f"bwd tile {tile:5d} warps {warps:2d} per SM {per_sm:2d} stages {stages}{cells}  gmean {gmean(vals):5.1f}",
-            flush=True,
+        row(
+            "bwd",
+            f"tile {tile:5d} warps {warps:2d} per SM {per_sm:2d} stages {stages}",
+            (tile, warps, per_sm, stages),
         )
-        if gmean(vals) > best.get("bwd", (0,))[0]:
-            best["bwd"] = (gmean(vals), f"{tile},{warps},{per_sm}", stages)
-    print(f"best fwd: {best['fwd'][1]} (gmean {best['fwd'][0]:.1f}%)")
-    print(f"best bwd: {best['bwd'][1]} stages {best['bwd'][2]} (gmean {best['bwd'][0]:.1f}%)")
-    if env_out:
+    (fg, (ft, fw)), (bg, (bt, bw, bp, bs)) = best["fwd"], best["bwd"]
+    print(f"best fwd: {ft},{fw} (gmean {fg:.1f}%)")
+    print(f"best bwd: {bt},{bw},{bp} stages {bs} (gmean {bg:.1f}%)")
+    if env_out:  # every knob the sweep set, the gated-residual backward's tile included
         Path(env_out).write_text(
-            f"export NANODIT_FWD_TILES={best['fwd'][1]} NANODIT_BWD_TILES={best['bwd'][1]}"
-            f" NANODIT_BWD_STAGES={best['bwd'][2]}\n"
+            f"export NANODIT_FWD_TILES={ft},{fw} NANODIT_BWD_TILES={bt},{bw},{bp} NANODIT_BWD_STAGES={bs}"
+            f" NANODIT_RES_BWD_TILES={bt},{bw}\n"
         )
 
 
