@@ -293,19 +293,23 @@ def load_records(path: str) -> list[dict]:
 # Swept on an H200 (bench/results/h200-2026-11-27-s3/): kernels_sweep_1.txt varied tiles and programs per SM
 # (more, shorter programs did not help the backward); kernels_sweep_2.txt added how the backward loop
 # prefetches (0 = the next tile by hand, since removed; S = Triton's pipeliner, S - 1 tiles in flight).
-# Stages apply to the adaLN backward kernels; the gated-residual backward takes the tile and warps only.
+# Since the fourth session the backward grid fills one wave of what the SM holds (_launch.resident_per_sm) and
+# "per SM" is only a cap on that (32 = no cap). Stages apply to the adaLN backward kernels; the gated-residual
+# backward takes the tile and warps only, and its best config is chosen on its own.
 FWD_SWEEP = [(2048, 2), (1024, 1), (1024, 2), (4096, 4)]
-BWD_SWEEP = [  # (tile, warps, programs per SM, stages)
-    (1024, 2, 4, 3), (2048, 4, 4, 3), (1024, 2, 4, 1), (1024, 2, 4, 2), (1024, 2, 4, 4), (1024, 2, 8, 3),
-    (2048, 4, 4, 1), (2048, 4, 2, 3), (512, 1, 4, 3), (1024, 4, 4, 3),
+BWD_SWEEP = [  # (tile, warps, max programs per SM, stages)
+    (1024, 2, 32, 3), (1024, 2, 4, 3), (1024, 2, 32, 2), (1024, 2, 32, 4), (1024, 1, 32, 3), (512, 1, 32, 3),
+    (2048, 2, 32, 3), (2048, 4, 32, 3), (1024, 4, 32, 3), (2048, 4, 32, 1),
 ]  # fmt: skip
+ADALN_BWD = ["modulate", "residual_modulate", "residual_modulate_gated"]
 
 
 def sweep(shapes: list[str], env_out: str | None = None) -> None:
     """Print % of copy bandwidth of the triton row kernels for each tile config of ``_launch`` (the knobs
-    FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM/BWD_STAGES, RES_BWD_*) and the best of each direction
-    (geometric mean over kernels and shapes); ``env_out`` gets them as NANODIT_*_TILES/STAGES exports, so
-    that a script can measure and test the winner in the same session before it is written into _launch."""
+    FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM/BWD_STAGES, RES_BWD_*) and the best of each
+    (geometric mean over kernels and shapes: the forwards; the adaLN backwards; the gated-residual backward);
+    ``env_out`` gets them as NANODIT_*_TILES/STAGES exports, so that a script can measure and test the winner
+    in the same session before it is written into _launch."""
     import math
 
     from nanodit.kernels import _launch
@@ -324,11 +328,17 @@ def sweep(shapes: list[str], env_out: str | None = None) -> None:
     best = {}
 
     def row(direction: str, label: str, key: tuple) -> None:
-        vals = [pct(k, direction, s) for k in rows for s in shapes]
-        cells = "".join(f" {v:5.1f}" for v in vals)
-        print(f"{direction} {label:40s}{cells}  gmean {gmean(vals):5.1f}", flush=True)
-        if gmean(vals) > best.get(direction, (0.0,))[0]:
-            best[direction] = (gmean(vals), key)
+        vals = {(k, s): pct(k, direction, s) for k in rows for s in shapes}
+        cells = "".join(f" {v:5.1f}" for v in vals.values())
+        groups = {"fwd": rows} if direction == "fwd" else {"bwd": ADALN_BWD, "res_bwd": ["gated_residual"]}
+        means = {g: gmean([v for (k, _), v in vals.items() if k in ks]) for g, ks in groups.items()}
+        print(
+            f"{direction} {label:44s}{cells}  " + " ".join(f"{g} {m:5.1f}" for g, m in means.items()),
+            flush=True,
+        )
+        for g, m in means.items():
+            if m > best.get(g, (0.0,))[0]:
+                best[g] = (m, key)
 
     for tile, warps in FWD_SWEEP:
         _launch.FWD_TILE, _launch.FWD_WARPS = tile, warps
@@ -338,16 +348,20 @@ def sweep(shapes: list[str], env_out: str | None = None) -> None:
         _launch.RES_BWD_TILE, _launch.RES_BWD_WARPS, _launch.BWD_STAGES = tile, warps, stages
         row(
             "bwd",
-            f"tile {tile:5d} warps {warps:2d} per SM {per_sm:2d} stages {stages}",
+            f"tile {tile:5d} warps {warps:2d} max per SM {per_sm:2d} stages {stages}",
             (tile, warps, per_sm, stages),
         )
     (fg, (ft, fw)), (bg, (bt, bw, bp, bs)) = best["fwd"], best["bwd"]
+    rg, (rt, rw, rp, _) = best["res_bwd"]
     print(f"best fwd: {ft},{fw} (gmean {fg:.1f}%)")
-    print(f"best bwd: {bt},{bw},{bp} stages {bs} (gmean {bg:.1f}%)")
-    if env_out:  # every knob the sweep set, the gated-residual backward's tile included
+    print(f"best adaLN bwd: {bt},{bw},{bp} stages {bs} (gmean {bg:.1f}%)")
+    print(f"best gated-residual bwd: {rt},{rw} (max per SM {rp}; gmean {rg:.1f}%)")
+    if rp != bp:
+        print("  (the programs-per-SM cap is shared: the export keeps the adaLN one)")
+    if env_out:  # every knob the sweep set
         Path(env_out).write_text(
             f"export NANODIT_FWD_TILES={ft},{fw} NANODIT_BWD_TILES={bt},{bw},{bp} NANODIT_BWD_STAGES={bs}"
-            f" NANODIT_RES_BWD_TILES={bt},{bw}\n"
+            f" NANODIT_RES_BWD_TILES={rt},{rw}\n"
         )
 
 

@@ -228,11 +228,17 @@ def compile_door(variant: str):
 def measure(variant: str, device, peak: float, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    from torch._dynamo.utils import counters
+
     with compile_door(variant):
+        counters.clear()
         step, flops, _ = make_step(variant, device)
         fl = flops()
         times = time_steps(step)
         busy, top = gpu_busy_ms(step) if profile else (None, None)
+        # what kept a compiled variant from one graph / one CUDA graph (empty when nothing did)
+        skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k and "skip" in k}
+        breaks = sum(counters["graph_break"].values())
     ms = statistics.median(times)
     tflops = fl / (ms * 1e-3) / 1e12
     row = {
@@ -244,6 +250,8 @@ def measure(variant: str, device, peak: float, profile: bool = False) -> dict:
         "tflops": tflops,
         "mfu": tflops / peak,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        "graph_breaks": breaks,
+        "cudagraph_skips": skips,
     }
     if profile:
         row.update(gpu_busy_ms=busy, top_kernels=top)

@@ -3,7 +3,12 @@
 #   setup        install the carried wheels (.whl/) into /tmp/site (idempotent while the machine stays warm)
 #   env          card, versions, what is installed
 #   tests        the GPU test cases (kernels bf16/fp16, attention backends, model parity, loaders)
-#   kernel-tests the kernel parity suite on CUDA (tests/kernels: fp32/bf16/fp16 grid, both compile doors, nano model)
+#   kernel-tests the kernel parity suite on CUDA (tests/kernels: fp32/bf16/fp16 grid, both compile doors, nano model);
+#                KT_WORKERS pytest-xdist workers (default 8; the suite is Triton/Inductor compile time, CPU-bound)
+#   old-bench    bench_kernels.py (script mode, triton only, row kernels) on the code of the ignored folder OLD_TREE
+#                (git archive of an older commit's nanodit/), for before/after numbers from one machine and run
+#   ncu          Nsight Compute (--set full) of the row kernels at the large bench shape (scripts/ncu_kernels.py;
+#                NCU_OPS picks ops): ncu_rows.ncu-rep, ncu_details.txt, and ncu_summary.txt (key metrics)
 #   step         bench/bench_step.py --profile (VARIANTS env: comma list; default all): ms/step, GPU-busy ms
 #   train-short  the nano config for a few hundred steps: fp32/bf16 x eager/compile (ms/step, samples/s, memory);
 #                MODES (default "fp32 false,bf16 false,bf16 true,fp32 true") and KERNELS (default ref) pick runs
@@ -53,10 +58,33 @@ phase_tests() {
 }
 
 phase_kernel_tests() {
-  timeout ${KT_TIMEOUT:-600} python3 -m pytest -q tests/kernels -p no:cacheprovider --durations=5 \
+  local par=""
+  python3 -c "import xdist" 2>/dev/null && par="-n ${KT_WORKERS:-8}"
+  timeout ${KT_TIMEOUT:-600} python3 -m pytest -q tests/kernels $par -p no:cacheprovider --durations=5 \
     --junitxml="$OUT/kernels_tests.xml" > "$OUT/kernels_tests.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/kernels_tests.log" | head -20
   tail -3 "$OUT/kernels_tests.log"
+}
+
+phase_old_bench() {
+  [ -d "${OLD_TREE:-}/nanodit" ] || { echo "old-bench: OLD_TREE=${OLD_TREE:-} has no nanodit/"; return; }
+  PYTHONPATH=$PWD/$OLD_TREE:$PYTHONPATH timeout 300 python3 bench/bench_kernels.py --providers triton \
+    --kernels ${OLD_KERNELS:-modulate,gated_residual,residual_modulate,residual_modulate_gated,flow_loss} --out "$OUT/kernels_old.json" \
+    > "$OUT/kernels_old.log" 2>&1
+  PYTHONPATH=$PWD/$OLD_TREE:$PYTHONPATH python3 -c "import nanodit.kernels._launch as l; print('old-bench used', l.__file__)"
+  python3 bench/bench_kernels.py --table "$OUT/kernels_old.json" | tee "$OUT/kernels_old_summary.txt" | head -20
+}
+
+phase_ncu() {
+  local ncu
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return; }
+  timeout ${NCU_TIMEOUT:-300} "$ncu" --clock-control none --profile-from-start off -k regex:'_(fwd|bwd)_kernel$' \
+    --set full --import-source no -f -o "$OUT/ncu_rows" python3 scripts/ncu_kernels.py ${NCU_OPS:-} > "$OUT/ncu.log" 2>&1
+  tail -3 "$OUT/ncu.log"
+  "$ncu" --import "$OUT/ncu_rows.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+  grep -E "^  _|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Issue Slots Busy|Warp Cycles Per Issued|Eligible Warps|No Eligible|Dynamic Shared|L2 Hit Rate|Mem Busy|Max Bandwidth|Executed Ipc A" \
+    "$OUT/ncu_details.txt" | tee "$OUT/ncu_summary.txt" | head -120
 }
 
 phase_step() {
@@ -167,6 +195,8 @@ while [ $# -gt 0 ]; do
     env) phase_env ;;
     tests) phase_tests ;;
     kernel-tests) phase_kernel_tests ;;
+    ncu) phase_ncu ;;
+    old-bench) phase_old_bench ;;
     step) phase_step ;;
     train-short) phase_train_short ;;
     sweep) phase_sweep ;;

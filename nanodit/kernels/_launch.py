@@ -17,6 +17,13 @@ Reductions over T (dscale, dshift, dgate). A backward program owns a block of co
 of one sample, loops over its tiles, and writes one fp32 partial per (b, block, d); a second,
 small kernel (``sum_blocks``) adds the blocks in order and casts to each output's dtype in one launch.
 Same shapes -> same order -> bitwise the same result on every run (no atomics).
+
+Backward grids are one full wave. ``resident_per_sm`` reads the compiled kernel's registers and shared
+memory (Triton's ``warmup``: compiles, launches nothing) and gives how many of its programs an SM holds at
+once; ``t_blocks`` then splits each sample's tokens into floor(resident * SMs / B) blocks. Nsight Compute on
+an H200 (bench/results/h200-2026-11-27-s4/ncu_*) showed why: the adaLN backward needs 128-185 registers a
+thread, so an SM holds 4-8 of its 64-thread programs, and the old fixed "4 per SM, rounded up" grid left it
+at 0.73 waves and 17% achieved occupancy (rounding up instead makes a second, mostly empty wave).
 """
 
 from __future__ import annotations
@@ -32,24 +39,26 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 MAX_D = 32768  # one row must fit a program's registers
-# Tile sizes (elements of one [ROWS, BLOCK_D] tile), warps and pipelining. From the sweep of bench_kernels.py
-# --sweep on an H200 (bf16, D=384; bench/results/h200-2026-11-27-s3/kernels_sweep_2.txt, % of copy bandwidth
-# at the large shape, old -> new in the same run):
-# - forward: 2048-element tiles on 2 warps (modulate 74.7 -> 86.1%, the others within a point);
-# - adaLN backward (modulate, residual_modulate): 1024-element tiles on 2 warps, ~4 programs per SM, the loop
-#   pipelined by Triton with 3 stages (2 tiles in flight through shared memory): modulate 56.0 -> 59.3%,
-#   residual_modulate 70.1 -> 74.7%; more programs per SM (shorter loops) did not help (kernels_sweep_1.txt);
-# - gated-residual backward: 2048-element tiles on 4 warps (83-85%; 1024 x 2 gives it 71%).
-FWD_TILE, FWD_WARPS = 2048, 2
+# Tile sizes (elements of one [ROWS, BLOCK_D] tile), warps and pipelining: the winners of bench_kernels.py --sweep
+# on an H200 (bf16, D=384; % of copy bandwidth, geometric mean over the kernels at the nano and large shapes),
+# bench/results/h200-2026-11-27-s4/kernels_sweep.txt, after the backward grid became one full wave and the
+# backward began to read the forward's LayerNorm statistics:
+# - forward: 1024-element tiles on 1 warp (80.6%; 2048 x 2 80.0%, 1024 x 2 79.1%: within the noise);
+# - adaLN backward (modulate, residual_modulate): 1024-element tiles on 2 warps, the loop pipelined by Triton
+#   with 3 stages (55.1%; 4 stages 55.6%, within the noise, but 4 made the residual_modulate backward spill 6
+#   registers: test_backward_kernels_fit_without_spills; 2 stages 49.4%); at the large shape 81-87% (57-75% before);
+# - gated-residual backward: 2048-element tiles on 2 warps (58.0%; 2048 x 4 54.1%).
+# Session 3's sweeps (bench/results/h200-2026-11-27-s3/kernels_sweep_{1,2}.txt) ran on the old, fixed grid.
+FWD_TILE, FWD_WARPS = 1024, 1
 BWD_TILE, BWD_WARPS = 1024, 2
 BWD_STAGES = 3  # tl.range(num_stages=...) of the adaLN backward loops; 1 = no pipelining
-RES_BWD_TILE, RES_BWD_WARPS = 2048, 4
-BWD_PROGRAMS_PER_SM = 4  # backward grid ~ this many programs per SM (each one token block of a sample)
+RES_BWD_TILE, RES_BWD_WARPS = 2048, 2
+BWD_PROGRAMS_PER_SM = 32  # cap on backward programs per SM; the grid fills what fits (resident_per_sm)
 
 
 def _env_ints(name: str, n: int) -> tuple[int, ...] | None:
     """Override a tile config from the environment (another card, a sweep's winner) without editing code:
-    NANODIT_FWD_TILES=tile,warps, NANODIT_BWD_TILES=tile,warps,programs_per_sm (adaLN backward),
+    NANODIT_FWD_TILES=tile,warps, NANODIT_BWD_TILES=tile,warps,max_programs_per_sm (adaLN backward),
     NANODIT_RES_BWD_TILES=tile,warps (gated-residual backward); a malformed value is a one-line error."""
     raw = os.environ.get(name)
     if not raw:
@@ -79,6 +88,7 @@ if os.environ.get("NANODIT_BWD_STAGES"):
         raise ValueError(f"NANODIT_BWD_STAGES={_raw!r}: expected 1..8 (pipeline stages; 1 = none)")
     BWD_STAGES = int(_raw)
 INTERPRET_TILE = 2048  # CPU interpreter: fewer, larger programs (speed there is Python's), still multi-tile
+INTERPRET_PROGRAMS = 4  # CPU interpreter: backward programs in all (its one "SM"), each looping over tiles
 
 
 # How the ops reach a torch.compile graph (read at trace time; tests and benchmarks flip it, then reset dynamo):
@@ -131,13 +141,49 @@ def row_config(D: int, bwd: bool, interpreted: bool = False, residual: bool = Fa
     return block_d, max(1, tile // block_d), max(warps, min(16, block_d // 512))
 
 
-def t_blocks(B: int, T: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(n_blocks, tiles_per_block): split each sample's T tokens into blocks, ~BWD_PROGRAMS_PER_SM
-    programs per SM in all. Fewer, longer blocks mean fewer partial sums (B * n_blocks * D fp32 written
-    and read again); more blocks mean more programs in flight."""
+_RESIDENT: dict = {}
+RESOURCES: dict = {}  # same keys: (registers a thread, spilled registers, shared bytes) of the compiled kernel
+
+
+def resident_per_sm(kernel, args: tuple, meta: dict, device: torch.device) -> int:
+    """Programs of ``kernel`` one SM runs at once, launched with ``args`` (tensors, or their dtypes where the
+    tensor does not exist yet) and the constexprs / ``num_warps`` in ``meta``: the least of the register,
+    shared-memory, thread and block limits of the compiled kernel. Cached per specialisation; 1 under the
+    interpreter (CPU), where programs run one after another."""
+    if is_interpreted(kernel) or device.type != "cuda":
+        return 1
+    # a symbolic size (a dynamic-shape trace) stands in as 17: divisible by neither 16 nor anything else
+    args = tuple(17 if isinstance(a, torch.SymInt) else a for a in args)
+    spec = tuple(
+        a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1) if isinstance(a, int) else a
+        for a in args
+    )  # what Triton specialises on: dtypes, integers divisible by 16 or equal to 1
+    key = (kernel, spec, tuple(sorted(meta.items())), device.index)
+    if key not in _RESIDENT:
+        stand_ins = [a.dtype if isinstance(a, torch.Tensor) else a for a in args]  # warmup takes dtypes
+        with torch.cuda.device(device):
+            compiled = kernel.warmup(*stand_ins, grid=(1,), **meta)
+            compiled._init_handles()  # loads the binary: n_regs
+        props = torch.cuda.get_device_properties(device)
+        warps = compiled.metadata.num_warps
+        regs_per_warp = triton.cdiv(compiled.n_regs * 32, 256) * 256  # allocated per warp, 256 at a time
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps
+        by_threads = props.max_threads_per_multi_processor // (32 * warps)
+        smem = compiled.metadata.shared + 1024  # the driver reserves 1 KB a block
+        by_smem = props.shared_memory_per_multiprocessor // smem
+        _RESIDENT[key] = max(1, min(by_regs, by_threads, by_smem, 32))
+        RESOURCES[key] = (compiled.n_regs, compiled.n_spills, compiled.metadata.shared)
+    return _RESIDENT[key]
+
+
+def t_blocks(B: int, T: int, rows: int, device: torch.device, resident: int) -> tuple[int, int]:
+    """(n_blocks, tiles_per_block): split each sample's T tokens into blocks so that the B * n_blocks
+    programs make one full wave: min(resident, BWD_PROGRAMS_PER_SM) programs on each SM (``resident`` from
+    ``resident_per_sm``), rounded down -- a second, partial wave would cost a whole program's time. Fewer,
+    longer blocks mean fewer partial sums (B * n_blocks * D fp32 written and read again)."""
     n_tiles = triton.cdiv(T, rows)
-    target = BWD_PROGRAMS_PER_SM * sm_count(device)
-    n_blocks = min(n_tiles, max(1, triton.cdiv(target, B)))
+    per_sm = min(resident if device.type == "cuda" else INTERPRET_PROGRAMS, BWD_PROGRAMS_PER_SM)
+    n_blocks = min(n_tiles, max(1, per_sm * sm_count(device) // B))
     tiles = triton.cdiv(n_tiles, n_blocks)
     return triton.cdiv(n_tiles, tiles), tiles
 

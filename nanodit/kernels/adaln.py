@@ -10,7 +10,11 @@ are in the input dtype. Eager calls run an ``autograd.Function``; under torch.co
 ``_launch.CompileDoors``), traced without a graph break. CPU tensors run through Triton's interpreter
 (``TRITON_INTERPRET=1``).
 
-Bytes model (e = bytes per element, N = B*T*D; the (B, D) vectors and fp32 partials are not counted):
+The forwards also write each row's LayerNorm mean and rstd (fp32, 8 bytes a row: +0.5% over 2Ne at D=384,
+bf16), which the backwards read instead of recomputing them: two of the four row reductions per tile and
+their dependency chain leave the backward loop, which Nsight Compute showed issue- and latency-bound.
+
+Bytes model (e = bytes per element, N = B*T*D; the (B, D) vectors, statistics and fp32 partials are not counted):
 | op | forward | backward |
 |---|---|---|
 | modulate | read x, write h: 2Ne | read x, dh, write dx: 3Ne |
@@ -42,20 +46,28 @@ __all__ = ["adaln_modulate", "adaln_modulate_ref", "residual_adaln_modulate", "r
 
 @triton.jit
 def _ln_rows(x, mask, D, eps):
-    """fp32 tile (ROWS, BLOCK_D) -> (xhat with masked lanes 0, rstd (ROWS,)); two-pass variance."""
+    """fp32 tile (ROWS, BLOCK_D) -> (xhat with masked lanes 0, mean (ROWS,), rstd (ROWS,)); two-pass variance."""
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
-    return xc * rstd[:, None], rstd
+    return xc * rstd[:, None], mean, rstd
+
+
+@triton.jit
+def _store_stats(STATS, b, B, T, rows, mean, rstd):
+    """STATS (2, B, T) fp32: the rows' mean and rstd, for the backward (8 bytes a row)."""
+    rmask = rows < T
+    tl.store(STATS + b * T + rows, mean, mask=rmask)
+    tl.store(STATS + (B + b) * T + rows, rstd, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _modulate_fwd_kernel(
-    X, SHIFT, SCALE, H,
+    X, SHIFT, SCALE, H, STATS,
     T, D, s_xb, s_xt, s_shb, s_scb, EPS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(1).to(tl.int64)
+    b, B = tl.program_id(1).to(tl.int64), tl.num_programs(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -63,17 +75,18 @@ def _modulate_fwd_kernel(
     shift = tl.load(SHIFT + b * s_shb + cols, mask=cmask, other=0.0).to(tl.float32)
     scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols, mask=cmask, other=0.0).to(tl.float32)
     x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    xhat, _ = _ln_rows(x, mask, D, EPS)
+    xhat, mean, rstd = _ln_rows(x, mask, D, EPS)
     h = xhat * scale1[None, :] + shift[None, :]
     out = (b * T + rows[:, None]) * D + cols[None, :]  # outputs are contiguous (B, T, D)
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
+    _store_stats(STATS, b, B, T, rows, mean, rstd)
 
 
 @triton.jit
-def _modulate_bwd_tile(x, dh, mask, scale1, D, EPS: tl.constexpr):
-    """One [ROWS, BLOCK_D] tile of the modulate backward -> (dx fp32, dh * xhat, dh) (the last two summed
-    over rows into dscale, dshift)."""
-    xhat, rstd = _ln_rows(x.to(tl.float32), mask, D, EPS)
+def _modulate_bwd_tile(x, dh, mask, mean, rstd, scale1, D):
+    """One [ROWS, BLOCK_D] tile of the modulate backward, given the forward's row mean and rstd
+    -> (dx fp32, dh * xhat, dh) (the last two summed over rows into dscale, dshift)."""
+    xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)  # the forward's, bitwise
     g32 = dh.to(tl.float32)
     g = g32 * scale1[None, :]
     c1 = tl.sum(g * xhat, axis=1) / D
@@ -84,8 +97,8 @@ def _modulate_bwd_tile(x, dh, mask, scale1, D, EPS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _modulate_bwd_kernel(
-    DH, X, SCALE, DX, PART,
-    T, D, tiles, s_dhb, s_dht, s_xb, s_xt, s_scb, EPS: tl.constexpr,
+    DH, X, STATS, SCALE, DX, PART,
+    T, D, tiles, s_dhb, s_dht, s_xb, s_xt, s_scb,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
@@ -103,7 +116,9 @@ def _modulate_bwd_kernel(
         mask = (rows < T)[:, None] & cmask[None, :]
         x = tl.load(X + b * s_xb + rows[:, None] * s_xt + cols[None, :], mask=mask, other=0.0)
         dh = tl.load(DH + b * s_dhb + rows[:, None] * s_dht + cols[None, :], mask=mask, other=0.0)
-        dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, scale1, D, EPS)
+        mean = tl.load(STATS + b * T + rows, mask=rows < T, other=0.0)
+        rstd = tl.load(STATS + (B + b) * T + rows, mask=rows < T, other=0.0)
+        dx, ds, dsh = _modulate_bwd_tile(x, dh, mask, mean, rstd, scale1, D)
         tl.store(DX + (b * T + rows[:, None]) * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         acc_scale += ds
         acc_shift += dsh
@@ -114,11 +129,11 @@ def _modulate_bwd_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def _residual_modulate_fwd_kernel(
-    X, Y, GATE, SHIFT, SCALE, XN, H,
+    X, Y, GATE, SHIFT, SCALE, XN, H, STATS,
     T, D, s_xb, s_xt, s_yb, s_yt, s_gb, s_shb, s_scb, EPS: tl.constexpr,
     HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(1).to(tl.int64)
+    b, B = tl.program_id(1).to(tl.int64), tl.num_programs(1)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -134,15 +149,16 @@ def _residual_modulate_fwd_kernel(
     xn = (x + y).to(XN.dtype.element_ty)
     tl.store(XN + out, xn, mask=mask)
     # normalise the stored (rounded) x_new, as the reference does and as the backward recomputes
-    xhat, _ = _ln_rows(xn.to(tl.float32), mask, D, EPS)
+    xhat, mean, rstd = _ln_rows(xn.to(tl.float32), mask, D, EPS)
     h = xhat * scale1[None, :] + shift[None, :]
     tl.store(H + out, h.to(H.dtype.element_ty), mask=mask)
+    _store_stats(STATS, b, B, T, rows, mean, rstd)
 
 
 @triton.jit(do_not_specialize=["T", "tiles"])
 def _residual_modulate_bwd_kernel(
-    DXN, DH, XN, Y, GATE, SCALE, DX, DY, PART,
-    T, D, tiles, s_dxnb, s_dxnt, s_dhb, s_dht, s_yb, s_yt, s_gb, s_scb, EPS: tl.constexpr,
+    DXN, DH, XN, STATS, Y, GATE, SCALE, DX, DY, PART,
+    T, D, tiles, s_dxnb, s_dxnt, s_dhb, s_dht, s_yb, s_yt, s_gb, s_scb,
     HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
@@ -165,7 +181,9 @@ def _residual_modulate_bwd_kernel(
         dxn = tl.load(DXN + b * s_dxnb + rows[:, None] * s_dxnt + cols[None, :], mask=mask, other=0.0)
         if HAS_GATE:
             y = tl.load(Y + b * s_yb + rows[:, None] * s_yt + cols[None, :], mask=mask, other=0.0)
-        dx, ds, dsh = _modulate_bwd_tile(xn, dh, mask, scale1, D, EPS)
+        mean = tl.load(STATS + b * T + rows, mask=rows < T, other=0.0)
+        rstd = tl.load(STATS + (B + b) * T + rows, mask=rows < T, other=0.0)
+        dx, ds, dsh = _modulate_bwd_tile(xn, dh, mask, mean, rstd, scale1, D)
         gx = dxn.to(tl.float32) + dx  # the residual stream's gradient passes straight through
         tl.store(DX + own, gx.to(DX.dtype.element_ty), mask=mask)
         acc_scale += ds
@@ -185,35 +203,51 @@ def _residual_modulate_bwd_kernel(
 # launchers (plain functions on tensors; the custom ops below wrap them)
 
 
+def _new_stats(B: int, T: int, device: torch.device) -> torch.Tensor:
+    return torch.empty((2, B, T), dtype=torch.float32, device=device)  # mean, rstd of each row
+
+
 def _modulate_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, traced: bool = False
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> h (B, T, D), stats (2, B, T) fp32 (the rows' mean and rstd, kept for the backward)."""
     L.check_device(_modulate_fwd_kernel, x, shift, scale)
     x, shift, scale = L.rows3d(x), L.rows2d(shift), L.rows2d(scale)
     B, T, D = x.shape
     h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    stats = _new_stats(B, T, x.device)
     block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
     L.target(_modulate_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
-        x, shift, scale, h, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), LN_EPS,
+        x, shift, scale, h, stats, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), LN_EPS,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    return h
+    return h, stats
 
 
 def _modulate_bwd(
-    dh: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, traced: bool = False
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, scale, dh = L.rows3d(x), L.rows2d(scale), L.rows3d(dh)
     B, T, D = x.shape
     block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_modulate_bwd_kernel))
-    nblk, tiles = L.t_blocks(B, T, rows, x.device)
+    meta = dict(ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps)
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+
+    def args(part, tiles):
+        return (
+            dh, x, stats, scale, dx, part, T, D, tiles,
+            dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0),
+        )  # fmt: skip
+
+    resident = L.resident_per_sm(_modulate_bwd_kernel, args(torch.float32, 1), meta, x.device)
+    nblk, tiles = L.t_blocks(B, T, rows, x.device, resident)
     part = torch.empty((2, B, nblk, D), dtype=torch.float32, device=x.device)
-    L.target(_modulate_bwd_kernel, traced)[(nblk, B)](
-        dh, x, scale, dx, part, T, D, tiles,
-        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0), LN_EPS,
-        ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps,
-    )  # fmt: skip
+    L.target(_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
     return dx, dshift, dscale
 
@@ -225,7 +259,8 @@ def _residual_modulate_fwd(
     shift: torch.Tensor,
     scale: torch.Tensor,
     traced: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> x_new, h (B, T, D), stats (2, B, T) fp32 (mean and rstd of x_new's rows)."""
     L.check_device(_residual_modulate_fwd_kernel, x, y, gate, shift, scale)
     x, y, shift, scale = L.rows3d(x), L.rows3d(y), L.rows2d(shift), L.rows2d(scale)
     gate = None if gate is None else L.rows2d(gate)
@@ -235,20 +270,22 @@ def _residual_modulate_fwd(
     )
     xn = torch.empty((B, T, D), dtype=dtype, device=x.device)
     h = torch.empty((B, T, D), dtype=dtype, device=x.device)
+    stats = _new_stats(B, T, x.device)
     block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
     g = shift if gate is None else gate  # any pointer: unused when HAS_GATE is False
     L.target(_residual_modulate_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
-        x, y, g, shift, scale, xn, h, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        x, y, g, shift, scale, xn, h, stats, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         g.stride(0), shift.stride(0), scale.stride(0), LN_EPS,
         HAS_GATE=gate is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    return xn, h
+    return xn, h, stats
 
 
 def _residual_modulate_bwd(
     dxn: torch.Tensor,
     dh: torch.Tensor,
     xn: torch.Tensor,
+    stats: torch.Tensor,
     y: torch.Tensor | None,
     gate: torch.Tensor | None,
     shift: torch.Tensor,
@@ -263,17 +300,22 @@ def _residual_modulate_bwd(
     y, gate = (L.rows3d(y), L.rows2d(gate)) if has_gate else (xn, None)  # xn: an unread stand-in
     B, T, D = xn.shape
     block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_modulate_bwd_kernel))
-    nblk, tiles = L.t_blocks(B, T, rows, xn.device)
+    meta = dict(HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps)
     dx = torch.empty((B, T, D), dtype=x_dtype, device=xn.device)
     dy = torch.empty((B, T, D) if has_gate else (0,), dtype=y.dtype, device=xn.device)
-    part = torch.empty((3 if has_gate else 2, B, nblk, D), dtype=torch.float32, device=xn.device)
     g = scale if gate is None else gate
-    L.target(_residual_modulate_bwd_kernel, traced)[(nblk, B)](
-        dxn, dh, xn, y, g, scale, dx, dy, part, T, D, tiles,
-        dxn.stride(0), dxn.stride(1), dh.stride(0), dh.stride(1), y.stride(0), y.stride(1),
-        g.stride(0), scale.stride(0), LN_EPS,
-        HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps,
-    )  # fmt: skip
+
+    def args(part, tiles):
+        return (
+            dxn, dh, xn, stats, y, g, scale, dx, dy, part, T, D, tiles,
+            dxn.stride(0), dxn.stride(1), dh.stride(0), dh.stride(1), y.stride(0), y.stride(1),
+            g.stride(0), scale.stride(0),
+        )  # fmt: skip
+
+    resident = L.resident_per_sm(_residual_modulate_bwd_kernel, args(torch.float32, 1), meta, xn.device)
+    nblk, tiles = L.t_blocks(B, T, rows, xn.device, resident)
+    part = torch.empty((3 if has_gate else 2, B, nblk, D), dtype=torch.float32, device=xn.device)
+    L.target(_residual_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     if has_gate:
         dscale, dshift, dgate = L.sum_blocks(
             part, (scale.dtype, shift.dtype, gate.dtype), traced
@@ -289,40 +331,42 @@ def _residual_modulate_bwd(
 # launchers (the least host time per call); under torch.compile the same formulas sit behind torch.library
 # ops (L.CompileDoors): triton ops on a GPU (Inductor launches the kernels itself), custom ops under the
 # interpreter. Dynamo traces either as single nodes (no graph break); AOTAutograd differentiates them
-# with the backward ops.
+# with the backward ops. The forward ops return the LayerNorm statistics as a last output, which the
+# public functions drop and the backward reads (never differentiated: its gradient is ignored).
 
 
 def _modulate_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, shift, scale = inputs
+    ctx.save_for_backward(x, output[-1], shift, scale)
 
 
-def _modulate_backward(ctx, dh, bwd):
-    x, shift, scale = ctx.saved_tensors
-    return bwd(dh, x, shift, scale)  # dx, dshift, dscale
+def _modulate_backward(ctx, dh, _dstats, bwd):
+    x, stats, shift, scale = ctx.saved_tensors
+    return bwd(dh, x, stats, shift, scale)  # dx, dshift, dscale
 
 
 class _Modulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale):
-        h = _modulate_fwd(x, shift, scale)
-        _modulate_setup(ctx, (x, shift, scale), h)
+        h, stats = _modulate_fwd(x, shift, scale)
+        _modulate_setup(ctx, (x, shift, scale), (h, stats))
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        return _modulate_backward(ctx, dh, _modulate_bwd)
+        return _modulate_backward(ctx, dh, None, _modulate_bwd)
 
 
 def _residual_modulate_setup(ctx, inputs, output):
     x, y, gate, shift, scale = inputs
     ctx.x_dtype, ctx.y_dtype, ctx.has_gate = x.dtype, y.dtype, gate is not None
     # without a gate the backward never reads y: do not keep it alive
-    ctx.save_for_backward(output[0], y if ctx.has_gate else None, gate, shift, scale)
+    ctx.save_for_backward(output[0], output[-1], y if ctx.has_gate else None, gate, shift, scale)
 
 
-def _residual_modulate_backward(ctx, dxn, dh, bwd):
-    xn, y, gate, shift, scale = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale = bwd(dxn, dh, xn, y, gate, shift, scale, ctx.x_dtype)
+def _residual_modulate_backward(ctx, dxn, dh, _dstats, bwd):
+    xn, stats, y, gate, shift, scale = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = bwd(dxn, dh, xn, stats, y, gate, shift, scale, ctx.x_dtype)
     if not ctx.has_gate:
         return dx, dx.to(ctx.y_dtype), None, dshift, dscale  # x + y: both receive the same gradient
     return dx, dy, dgate, dshift, dscale
@@ -331,20 +375,24 @@ def _residual_modulate_backward(ctx, dxn, dh, bwd):
 class _ResidualModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale):
-        xn, h = _residual_modulate_fwd(x, y, gate, shift, scale)
-        _residual_modulate_setup(ctx, (x, y, gate, shift, scale), (xn, h))
+        xn, h, stats = _residual_modulate_fwd(x, y, gate, shift, scale)
+        _residual_modulate_setup(ctx, (x, y, gate, shift, scale), (xn, h, stats))
         return xn, h
 
     @staticmethod
     def backward(ctx, dxn, dh):
-        return _residual_modulate_backward(ctx, dxn, dh, _residual_modulate_bwd)
+        return _residual_modulate_backward(ctx, dxn, dh, None, _residual_modulate_bwd)
+
+
+def _stats_fake(x):
+    return x.new_empty((2, x.shape[0], x.shape[1]), dtype=torch.float32)
 
 
 def _modulate_fake(x, shift, scale):
-    return x.new_empty(x.shape)
+    return x.new_empty(x.shape), _stats_fake(x)
 
 
-def _modulate_bwd_fake(dh, x, shift, scale):
+def _modulate_bwd_fake(dh, x, stats, shift, scale):
     return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
 
 
@@ -353,8 +401,8 @@ _MODULATE = L.CompileDoors(
     _modulate_fwd_kernel,
     _modulate_fwd,
     _modulate_bwd,
-    "(Tensor x, Tensor shift, Tensor scale) -> Tensor",
-    "(Tensor dh, Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor, Tensor)",
+    "(Tensor x, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
+    "(Tensor dh, Tensor x, Tensor stats, Tensor shift, Tensor scale) -> (Tensor, Tensor, Tensor)",
     _modulate_fake,
     _modulate_bwd_fake,
     _modulate_setup,
@@ -366,10 +414,10 @@ def _residual_modulate_fake(x, y, gate, shift, scale):
     dtype = torch.promote_types(
         x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
     )
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), _stats_fake(x)
 
 
-def _residual_modulate_bwd_fake(dxn, dh, xn, y, gate, shift, scale, x_dtype):
+def _residual_modulate_bwd_fake(dxn, dh, xn, stats, y, gate, shift, scale, x_dtype):
     has_gate = gate is not None
     return (
         xn.new_empty(xn.shape, dtype=x_dtype),
@@ -385,8 +433,8 @@ _RESIDUAL_MODULATE = L.CompileDoors(
     _residual_modulate_fwd_kernel,
     _residual_modulate_fwd,
     _residual_modulate_bwd,
-    "(Tensor x, Tensor y, Tensor? gate, Tensor shift, Tensor scale) -> (Tensor, Tensor)",
-    "(Tensor dxn, Tensor dh, Tensor xn, Tensor? y, Tensor? gate, Tensor shift, Tensor scale, "
+    "(Tensor x, Tensor y, Tensor? gate, Tensor shift, Tensor scale) -> (Tensor, Tensor, Tensor)",
+    "(Tensor dxn, Tensor dh, Tensor xn, Tensor stats, Tensor? y, Tensor? gate, Tensor shift, Tensor scale, "
     "ScalarType x_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _residual_modulate_fake,
     _residual_modulate_bwd_fake,
@@ -405,7 +453,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) ->
     L.check_vec("adaln_modulate", "shift", shift, x)
     L.check_vec("adaln_modulate", "scale", scale, x)
     if torch.compiler.is_compiling():
-        return _MODULATE(x, shift, scale)  # (B, T, D)
+        return _MODULATE(x, shift, scale)[0]  # (B, T, D); [1] is the statistics
     return _Modulate.apply(x, shift, scale)  # (B, T, D)
 
 
@@ -426,5 +474,6 @@ def residual_adaln_modulate(
         if p is not None:
             L.check_vec("residual_adaln_modulate", key, p, x)
     if torch.compiler.is_compiling():
-        return _RESIDUAL_MODULATE(x, y, gate, shift, scale)  # 2 x (B, T, D)
+        xn, h, _ = _RESIDUAL_MODULATE(x, y, gate, shift, scale)  # 2 x (B, T, D), the statistics
+        return xn, h
     return _ResidualModulate.apply(x, y, gate, shift, scale)  # 2 x (B, T, D)

@@ -37,13 +37,14 @@ __all__ = ["flow_loss", "flow_loss_ref"]
 
 BLOCK = 2048  # elements per tile: 16 per thread at 4 warps (two 16-byte bf16 loads per tensor)
 WARPS = 4
+STAGES = 3  # tl.range(num_stages=...) of the forward loop: the next tiles' loads fly while one computes
 
 
 @triton.jit(do_not_specialize=["tiles"])
 def _flow_loss_fwd_kernel(
     V, X0, EPS, W, G, PART,
     N, tiles, s_vb, s_xb, s_eb, s_wb,
-    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     blk, nblk = tl.program_id(0), tl.num_programs(0)
     b = tl.program_id(1).to(tl.int64)
@@ -51,7 +52,7 @@ def _flow_loss_fwd_kernel(
     if HAS_WEIGHT:
         coef = coef * tl.load(W + b * s_wb).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(tiles):
+    for i in tl.range(0, tiles, num_stages=STAGES):
         offs = (blk * tiles + i) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
         v = tl.load(V + b * s_vb + offs, mask=m, other=0.0).to(tl.float32)
@@ -68,10 +69,11 @@ def _flow_loss_fwd_kernel(
 def _flow_finish_kernel(
     PART, W, TT, PS, BSUM, BCNT,
     B, nblk, nbins, s_wb, s_tb, N,
-    HAS_WEIGHT: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, BLOCK_B: tl.constexpr, NB: tl.constexpr, NBJ: tl.constexpr,
 ):  # fmt: skip
-    """One program: per-sample sums of the partials in block order, the weight, and the t-bin sums
-    (one-hot rows summed in sample order: deterministic, unlike index_add's atomics)."""
+    """One program: per-sample sums of the partials (NBJ blocks a load, tree-summed, chunks in order), the
+    weight, and the t-bin sums (one-hot rows summed in sample order: deterministic, unlike index_add's
+    atomics). Loading [BLOCK_B, NBJ] partials at once keeps this launch to a few memory round trips."""
     bins = tl.arange(0, NB)
     acc_sum = tl.zeros([BLOCK_B, NB], dtype=tl.float32)
     acc_cnt = tl.zeros([BLOCK_B, NB], dtype=tl.float32)
@@ -79,8 +81,10 @@ def _flow_finish_kernel(
         bs = start + tl.arange(0, BLOCK_B)
         m = bs < B
         raw = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for j in range(nblk):
-            raw += tl.load(PART + bs.to(tl.int64) * nblk + j, mask=m, other=0.0)
+        for j0 in range(0, nblk, NBJ):
+            js = j0 + tl.arange(0, NBJ)
+            ptr = PART + bs.to(tl.int64)[:, None] * nblk + js[None, :]
+            raw += tl.sum(tl.load(ptr, mask=m[:, None] & (js < nblk)[None, :], other=0.0), axis=1)
         raw = raw / N  # unweighted per-sample mean
         ps = raw
         if HAS_WEIGHT:
@@ -127,22 +131,26 @@ def _flow_loss_fwd(
     B = v.shape[0]
     v2, x2, e2 = _rows(v), _rows(x0), _rows(eps)
     N = v2.shape[1]
-    n_tiles = triton.cdiv(N, BLOCK)
-    nblk = min(n_tiles, max(1, triton.cdiv(8 * L.sm_count(v.device), B)))
-    tiles = triton.cdiv(n_tiles, nblk)
-    nblk = triton.cdiv(n_tiles, tiles)
     grad = torch.empty(v.shape if need_grad else (0,), dtype=v.dtype, device=v.device)
-    part = torch.empty((B, nblk), dtype=torch.float32, device=v.device)
     w = t if weight is None else weight  # any read-only pointer: unused without a weight
-    L.target(_flow_loss_fwd_kernel, traced)[(nblk, B)](
-        v2, x2, e2, w, grad, part, N, tiles, v2.stride(0), x2.stride(0), e2.stride(0), w.stride(0),
-        HAS_WEIGHT=weight is not None, WRITE_GRAD=need_grad, BLOCK=BLOCK, num_warps=WARPS,
-    )  # fmt: skip
+    meta = dict(
+        HAS_WEIGHT=weight is not None, WRITE_GRAD=need_grad, BLOCK=BLOCK, STAGES=STAGES, num_warps=WARPS
+    )
+
+    def args(part, tiles):
+        return v2, x2, e2, w, grad, part, N, tiles, v2.stride(0), x2.stride(0), e2.stride(0), w.stride(0)
+
+    # one full wave of what fits on the SMs, as the row kernels' backward (_launch.t_blocks)
+    resident = L.resident_per_sm(_flow_loss_fwd_kernel, args(torch.float32, 1), meta, v.device)
+    nblk, tiles = L.t_blocks(B, N, BLOCK, v.device, resident)
+    part = torch.empty((B, nblk), dtype=torch.float32, device=v.device)
+    L.target(_flow_loss_fwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     per_sample = torch.empty((B,), dtype=torch.float32, device=v.device)
     bin_sum, bin_count = (torch.empty((nbins,), dtype=torch.float32, device=v.device) for _ in range(2))
     L.target(_flow_finish_kernel, traced)[(1,)](
         part, w, t, per_sample, bin_sum, bin_count, B, nblk, nbins, w.stride(0), t.stride(0), N,
-        HAS_WEIGHT=weight is not None, BLOCK_B=128, NB=triton.next_power_of_2(nbins), num_warps=4,
+        HAS_WEIGHT=weight is not None, BLOCK_B=128, NB=triton.next_power_of_2(nbins),
+        NBJ=min(32, triton.next_power_of_2(nblk)), num_warps=4,
     )  # fmt: skip
     return per_sample, bin_sum, bin_count, grad
 

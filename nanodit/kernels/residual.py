@@ -97,14 +97,19 @@ def _gated_residual_bwd(
     block_d, rows, warps = L.row_config(
         D, bwd=True, interpreted=L.is_interpreted(_gated_residual_bwd_kernel), residual=True
     )
-    nblk, tiles = L.t_blocks(B, T, rows, y.device)
+    meta = dict(ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
+
+    def args(part, tiles):
+        return (
+            dout, gate, y, dy, part, T, D, tiles,
+            dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
+        )  # fmt: skip
+
+    resident = L.resident_per_sm(_gated_residual_bwd_kernel, args(torch.float32, 1), meta, y.device)
+    nblk, tiles = L.t_blocks(B, T, rows, y.device, resident)
     part = torch.empty((B, nblk, D), dtype=torch.float32, device=y.device)
-    L.target(_gated_residual_bwd_kernel, traced)[(nblk, B)](
-        dout, gate, y, dy, part, T, D, tiles,
-        dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
-        ROWS=rows, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+    L.target(_gated_residual_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     (dgate,) = L.sum_blocks(part[None], (gate.dtype,), traced)  # (B, D)
     return dy, dgate
 

@@ -97,3 +97,33 @@ def test_flow_loss_bins_sum_to_the_batch():
     ps, bs, bc = flow_loss(v, x0, eps, t, weight=torch.full((9,), 3.0, device=DEVICE), nbins=10)
     assert bc.sum().item() == 9 and bc[9].item() == 2 and bc[0].item() == 2
     torch.testing.assert_close(bs.sum(), ps.sum() / 3, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("blocks", ["many", "long"])
+def test_flow_loss_many_blocks_and_long_loops(monkeypatch, blocks):
+    """Small tiles force the grid's edges: "many" gives each sample more than 32 partial sums (the finish
+    kernel loads them 32 at a time, in order), "long" one program per sample looping over every tile
+    (the pipelined loop with a ragged last tile)."""
+    from nanodit.kernels import _launch
+    from nanodit.kernels import flow_loss as fl
+
+    seed = fresh_seed()
+    monkeypatch.setattr(fl, "BLOCK", 16)
+    if blocks == "many":
+        monkeypatch.setattr(_launch, "INTERPRET_PROGRAMS", 200)  # CPU: 60 blocks a sample (a GPU: 119)
+        monkeypatch.setattr(_launch, "BWD_PROGRAMS_PER_SM", 200)
+    else:
+        monkeypatch.setattr(_launch, "BWD_PROGRAMS_PER_SM", 1)
+        monkeypatch.setattr(_launch, "INTERPRET_PROGRAMS", 1)
+    B = 2 if blocks == "many" else 1
+    v = torch.randn(B, 4, 25, 19, device=DEVICE, requires_grad=True)  # N = 1900: 119 tiles of 16
+    x0, eps = torch.randn_like(v), torch.randn_like(v)
+    t = torch.rand(B, device=DEVICE)
+    ps, bs, bc = flow_loss(v, x0, eps, t, nbins=4)
+    (dv,) = torch.autograd.grad(ps.sum(), [v])
+    vr = v.detach().double().requires_grad_(True)
+    rps, rbs, rbc = flow_loss_ref(vr, x0.double(), eps.double(), t, nbins=4)
+    (rdv,) = torch.autograd.grad(rps.sum(), [vr])
+    for name, f, r in (("per_sample", ps, rps), ("bin_sum", bs, rbs), ("dv", dv, rdv)):
+        check(f"flow_loss {blocks} {name}", f, r, None, seed)
+    assert torch.equal(bc, rbc.float())
