@@ -173,8 +173,9 @@ def capture_step(step, opt):
     return run
 
 
-def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list]:
-    """GPU-busy ms per step (sum of device kernel/memcpy times, torch.profiler) and the top kernels by time."""
+def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list, dict]:
+    """GPU-busy ms per step (sum of device kernel/memcpy times, torch.profiler), the top kernels by time, and
+    the host side: the top ops by self CPU ms per step and the kernel / graph launches per step."""
     from torch.profiler import ProfilerActivity, profile
 
     from nanodit.tracing import device_busy
@@ -186,7 +187,17 @@ def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    return device_busy(prof, steps)
+    busy, top = device_busy(prof, steps)
+    host = [e for e in prof.key_averages() if "CUDA" not in str(getattr(e, "device_type", ""))]
+    host.sort(key=lambda e: -e.self_cpu_time_total)
+    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+    info = {
+        "host_top_self_ms": [
+            [e.key[:60], round(e.self_cpu_time_total / steps / 1e3, 3), e.count // steps] for e in host[:10]
+        ],
+        "launches_per_step": {e.key: e.count // steps for e in host if e.key in launch_keys},
+    }
+    return busy, top, info
 
 
 def time_steps(step, warmup=10, windows=5, per_window=10) -> list[float]:
@@ -235,7 +246,7 @@ def measure(variant: str, device, peak: float, profile: bool = False) -> dict:
         step, flops, _ = make_step(variant, device)
         fl = flops()
         times = time_steps(step)
-        busy, top = gpu_busy_ms(step) if profile else (None, None)
+        busy, top, host = gpu_busy_ms(step) if profile else (None, None, {})
         # what kept a compiled variant from one graph / one CUDA graph (empty when nothing did)
         skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k and "skip" in k}
         breaks = sum(counters["graph_break"].values())
@@ -254,7 +265,7 @@ def measure(variant: str, device, peak: float, profile: bool = False) -> dict:
         "cudagraph_skips": skips,
     }
     if profile:
-        row.update(gpu_busy_ms=busy, top_kernels=top)
+        row.update(gpu_busy_ms=busy, top_kernels=top, **host)
     return row
 
 

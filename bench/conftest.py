@@ -6,7 +6,9 @@ Every benchmark records the card, torch/triton versions and the commit in ``extr
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,10 +74,22 @@ def cuda_graph(fn, before_capture=None):
 def machine_info() -> dict:
     import triton
 
+    # NANODIT_COMMIT names the code when the checkout's git state does not (a copied working tree whose .git
+    # is older than its files); otherwise HEAD, marked "-dirty" when tracked files differ from it
+    commit = os.environ.get("NANODIT_COMMIT", "")
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+        if not commit:
+            git = ["git", "-C", str(Path(__file__).resolve().parent)]
+            commit = subprocess.run(
+                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            commit += "-dirty" if commit and dirty else ""
     except OSError:
         commit = ""
     return {

@@ -142,6 +142,7 @@ def row_config(D: int, bwd: bool, interpreted: bool = False, residual: bool = Fa
 
 
 _RESIDENT: dict = {}
+SYMBOLIC_RESIDENT = 4  # programs per SM assumed where sizes are symbolic (torch.compile with dynamic shapes)
 RESOURCES: dict = {}  # same keys: (registers a thread, spilled registers, shared bytes) of the compiled kernel
 
 
@@ -152,8 +153,8 @@ def resident_per_sm(kernel, args: tuple, meta: dict, device: torch.device) -> in
     interpreter (CPU), where programs run one after another."""
     if is_interpreted(kernel) or device.type != "cuda":
         return 1
-    # a symbolic size (a dynamic-shape trace) stands in as 17: divisible by neither 16 nor anything else
-    args = tuple(17 if isinstance(a, torch.SymInt) else a for a in args)
+    if any(isinstance(a, torch.SymInt) for a in (*args, *meta.values())):
+        return SYMBOLIC_RESIDENT  # a dynamic-shape trace: nothing to compile until the sizes are known
     spec = tuple(
         a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1) if isinstance(a, int) else a
         for a in args

@@ -226,9 +226,12 @@ def test_backward_grid_is_one_full_wave(monkeypatch, B, T, resident):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [384, 1024])
-def test_backward_kernels_fit_without_spills(dtype, D):
-    """The backward kernels at the default tiles compile without register spills, and resident_per_sm agrees
-    with the registers the compiled kernel reports (the grid of t_blocks is sized from it)."""
+def test_backward_kernels_fit_without_spills(monkeypatch, dtype, D):
+    """The backward kernels at the default tiles compile without register spills at the model's widths
+    (aligned rows), and resident_per_sm agrees with the registers the compiled kernel reports (the grid of
+    t_blocks is sized from it). Odd widths (narrow loads) may spill a few registers: not checked here."""
+    monkeypatch.setattr(_launch, "_RESIDENT", {})  # only this test's kernels
+    monkeypatch.setattr(_launch, "RESOURCES", {})
     x = torch.randn(2, 64, D, device="cuda", dtype=dtype, requires_grad=True)
     y = torch.randn_like(x, requires_grad=True)
     shift, scale, gate = (p.requires_grad_(True) for p in make_vecs(2, D, 3, dtype, True))
@@ -238,8 +241,6 @@ def test_backward_kernels_fit_without_spills(dtype, D):
     checked = 0
     for key, per_sm in _launch._RESIDENT.items():
         meta = dict(key[2])
-        if meta.get("STAGES", _launch.BWD_STAGES) != _launch.BWD_STAGES:
-            continue  # another test's pipeline depth
         n_regs, n_spills, _ = _launch.RESOURCES[key]
         assert n_spills == 0, f"{key[0].fn.__name__} {key[1]} {meta}: {n_spills} spilled registers"
         assert 1 <= per_sm <= 32 and (per_sm == 32 or per_sm * n_regs * 32 * meta["num_warps"] <= 65536)
