@@ -151,10 +151,10 @@ def resident_per_sm(kernel, args: tuple, meta: dict, device: torch.device) -> in
     tensor does not exist yet) and the constexprs / ``num_warps`` in ``meta``: the least of the register,
     shared-memory, thread and block limits of the compiled kernel. Cached per specialisation; 1 under the
     interpreter (CPU), where programs run one after another."""
-    if is_interpreted(kernel) or device.type != "cuda":
-        return 1
     if any(isinstance(a, torch.SymInt) for a in (*args, *meta.values())):
         return SYMBOLIC_RESIDENT  # a dynamic-shape trace: nothing to compile until the sizes are known
+    if is_interpreted(kernel) or device.type != "cuda":
+        return 1
     spec = tuple(
         a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1) if isinstance(a, int) else a
         for a in args

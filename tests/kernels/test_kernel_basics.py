@@ -246,3 +246,15 @@ def test_backward_kernels_fit_without_spills(monkeypatch, dtype, D):
         assert 1 <= per_sm <= 32 and (per_sm == 32 or per_sm * n_regs * 32 * meta["num_warps"] <= 65536)
         checked += 1
     assert checked >= 3
+
+
+def test_resident_per_sm_takes_symbolic_sizes():
+    """Under torch.compile with dynamic shapes the launchers see SymInts (unhashable: they cannot key the
+    cache, and nothing can be compiled for them): resident_per_sm answers SYMBOLIC_RESIDENT without compiling.
+    (opcheck's dynamic AOT-dispatch test on the GPU failed on exactly this before.)"""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    sym = ShapeEnv().create_unbacked_symint()
+    for args, meta in (((torch.float32, sym, 16), {"ROWS": 2}), ((torch.float32, 8, 16), {"ROWS": sym})):
+        got = _launch.resident_per_sm(adaln._modulate_bwd_kernel, args, meta, torch.device("cuda"))
+        assert got == _launch.SYMBOLIC_RESIDENT
