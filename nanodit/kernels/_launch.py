@@ -99,6 +99,19 @@ INTERPRET_PROGRAMS = 4  # CPU interpreter: backward programs in all (its one "SM
 COMPILE_DOOR = os.environ.get("NANODIT_COMPILE_DOOR", "triton_op")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. ``triton.cdiv`` is a ``@triton.jit`` function, and calling one from Python goes
+    through JITFunction.__call__: ~5 us each, a third of the launchers' own host time (cProfile, stubbed launches)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The least power of two >= n (n >= 1) on the host; symbolic sizes go through Triton's version."""
+    if isinstance(n, int):
+        return 1 << (n - 1).bit_length() if n > 1 else 1
+    return triton.next_power_of_2(n)
+
+
 def is_interpreted(kernel) -> bool:
     """True when Triton runs ``kernel`` in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return isinstance(kernel, InterpretedFunction)
@@ -131,7 +144,7 @@ def row_config(D: int, bwd: bool, interpreted: bool = False, residual: bool = Fa
     """(BLOCK_D, ROWS, num_warps) of a row kernel for width D (``residual``: the gated-residual backward)."""
     if D > MAX_D:
         raise ValueError(f"kernels: width D={D} is above the row kernels' limit {MAX_D}; use kernels=ref")
-    block_d = triton.next_power_of_2(D)
+    block_d = next_pow2(D)
     if bwd:
         tile, warps = (RES_BWD_TILE, RES_BWD_WARPS) if residual else (BWD_TILE, BWD_WARPS)
     else:
@@ -167,7 +180,7 @@ def resident_per_sm(kernel, args: tuple, meta: dict, device: torch.device) -> in
             compiled._init_handles()  # loads the binary: n_regs
         props = torch.cuda.get_device_properties(device)
         warps = compiled.metadata.num_warps
-        regs_per_warp = triton.cdiv(compiled.n_regs * 32, 256) * 256  # allocated per warp, 256 at a time
+        regs_per_warp = cdiv(compiled.n_regs * 32, 256) * 256  # allocated per warp, 256 at a time
         by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps
         by_threads = props.max_threads_per_multi_processor // (32 * warps)
         smem = compiled.metadata.shared + 1024  # the driver reserves 1 KB a block
@@ -182,11 +195,11 @@ def t_blocks(B: int, T: int, rows: int, device: torch.device, resident: int) -> 
     programs make one full wave: min(resident, BWD_PROGRAMS_PER_SM) programs on each SM (``resident`` from
     ``resident_per_sm``), rounded down -- a second, partial wave would cost a whole program's time. Fewer,
     longer blocks mean fewer partial sums (B * n_blocks * D fp32 written and read again)."""
-    n_tiles = triton.cdiv(T, rows)
+    n_tiles = cdiv(T, rows)
     per_sm = min(resident if device.type == "cuda" else INTERPRET_PROGRAMS, BWD_PROGRAMS_PER_SM)
     n_blocks = min(n_tiles, max(1, per_sm * sm_count(device) // B))
-    tiles = triton.cdiv(n_tiles, n_blocks)
-    return triton.cdiv(n_tiles, tiles), tiles
+    tiles = cdiv(n_tiles, n_blocks)
+    return cdiv(n_tiles, tiles), tiles
 
 
 def rows3d(x: torch.Tensor) -> torch.Tensor:
@@ -259,8 +272,8 @@ def sum_blocks(
     # unused pointers when K < 3: the (read-only) partials, never an output -- two arguments aliasing one
     # output would be two separate results after functionalization (Inductor's view of the kernel)
     o = outs + (part,) * (3 - K)
-    block, nb = 128, min(32, triton.next_power_of_2(nblk))
-    target(_sum_blocks_kernel, traced)[(triton.cdiv(B * D, block),)](
+    block, nb = 128, min(32, next_pow2(nblk))
+    target(_sum_blocks_kernel, traced)[(cdiv(B * D, block),)](
         part, o[0], o[1], o[2], B * D, B * D * nblk, D, nblk, K=K, NB=nb, BLOCK=block, num_warps=4
     )
     return outs

@@ -217,7 +217,7 @@ def _modulate_fwd(
     h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     stats = _new_stats(B, T, x.device)
     block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
-    L.target(_modulate_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
+    L.target(_modulate_fwd_kernel, traced)[(L.cdiv(T, rows), B)](
         x, shift, scale, h, stats, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), LN_EPS,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -273,7 +273,7 @@ def _residual_modulate_fwd(
     stats = _new_stats(B, T, x.device)
     block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
     g = shift if gate is None else gate  # any pointer: unused when HAS_GATE is False
-    L.target(_residual_modulate_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
+    L.target(_residual_modulate_fwd_kernel, traced)[(L.cdiv(T, rows), B)](
         x, y, g, shift, scale, xn, h, stats, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         g.stride(0), shift.stride(0), scale.stride(0), LN_EPS,
         HAS_GATE=gate is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,

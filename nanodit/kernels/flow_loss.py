@@ -149,8 +149,8 @@ def _flow_loss_fwd(
     bin_sum, bin_count = (torch.empty((nbins,), dtype=torch.float32, device=v.device) for _ in range(2))
     L.target(_flow_finish_kernel, traced)[(1,)](
         part, w, t, per_sample, bin_sum, bin_count, B, nblk, nbins, w.stride(0), t.stride(0), N,
-        HAS_WEIGHT=weight is not None, BLOCK_B=128, NB=triton.next_power_of_2(nbins),
-        NBJ=min(32, triton.next_power_of_2(nblk)), num_warps=4,
+        HAS_WEIGHT=weight is not None, BLOCK_B=128, NB=L.next_pow2(nbins),
+        NBJ=min(32, L.next_pow2(nblk)), num_warps=4,
     )  # fmt: skip
     return per_sample, bin_sum, bin_count, grad
 
@@ -159,7 +159,7 @@ def _flow_loss_bwd(grad: torch.Tensor, go: torch.Tensor, traced: bool = False) -
     B = grad.shape[0]
     N = grad.numel() // B
     dv = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    L.target(_scale_rows_kernel, traced)[(triton.cdiv(N, BLOCK), B)](
+    L.target(_scale_rows_kernel, traced)[(L.cdiv(N, BLOCK), B)](
         grad, go, dv, N, go.stride(0), BLOCK=BLOCK, num_warps=WARPS
     )
     return dv

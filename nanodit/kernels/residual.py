@@ -82,7 +82,7 @@ def _gated_residual_fwd(
     block_d, rows, warps = L.row_config(
         D, bwd=False, interpreted=L.is_interpreted(_gated_residual_fwd_kernel)
     )
-    L.target(_gated_residual_fwd_kernel, traced)[(triton.cdiv(T, rows), B)](
+    L.target(_gated_residual_fwd_kernel, traced)[(L.cdiv(T, rows), B)](
         x, gate, y, out, T, D, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip

@@ -258,3 +258,12 @@ def test_resident_per_sm_takes_symbolic_sizes():
     for args, meta in (((torch.float32, sym, 16), {"ROWS": 2}), ((torch.float32, 8, 16), {"ROWS": sym})):
         got = _launch.resident_per_sm(adaln._modulate_bwd_kernel, args, meta, torch.device("cuda"))
         assert got == _launch.SYMBOLIC_RESIDENT
+
+
+def test_host_cdiv_and_next_pow2_match_triton():
+    """The launchers' plain-Python cdiv / next_pow2 (triton's are jit functions, ~5 us a host call) agree with
+    triton.cdiv / triton.next_power_of_2."""
+    import triton
+
+    assert all(_launch.next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 4100))
+    assert all(_launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 200) for b in range(1, 40))
