@@ -4,7 +4,8 @@
 #   env          card, versions, what is installed
 #   tests        the GPU test cases (kernels bf16/fp16, attention backends, model parity, loaders)
 #   kernel-tests the kernel parity suite on CUDA (tests/kernels: fp32/bf16/fp16 grid, both compile doors, nano model);
-#                KT_WORKERS pytest-xdist workers (default 8; the suite is Triton/Inductor compile time, CPU-bound)
+#                KT_WORKERS pytest-xdist workers (default 8; the suite is Triton/Inductor compile time, CPU-bound);
+#                KT_ARGS extra pytest arguments (e.g. a --deselect)
 #   old-bench    bench_kernels.py (script mode, triton only, row kernels) on the code of the ignored folder OLD_TREE
 #                (git archive of an older commit's nanodit/), for before/after numbers from one machine and run
 #   ncu          Nsight Compute (--set full) of the row kernels at the large bench shape (scripts/ncu_kernels.py;
@@ -60,7 +61,7 @@ phase_tests() {
 phase_kernel_tests() {
   local par=""
   python3 -c "import xdist" 2>/dev/null && par="-n ${KT_WORKERS:-8}"
-  timeout ${KT_TIMEOUT:-600} python3 -m pytest -q tests/kernels $par -p no:cacheprovider --durations=5 \
+  timeout ${KT_TIMEOUT:-600} python3 -m pytest -q tests/kernels $par ${KT_ARGS:-} -p no:cacheprovider --durations=5 \
     --junitxml="$OUT/kernels_tests.xml" > "$OUT/kernels_tests.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUT/kernels_tests.log" | head -20
   tail -3 "$OUT/kernels_tests.log"

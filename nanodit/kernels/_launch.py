@@ -157,6 +157,7 @@ def row_config(D: int, bwd: bool, interpreted: bool = False, residual: bool = Fa
 
 _RESIDENT: dict = {}
 SYMBOLIC_RESIDENT = 4  # programs per SM assumed where sizes are symbolic (torch.compile with dynamic shapes)
+SYMBOLIC_TILES = 4  # row tiles per backward program where sizes are symbolic (t_blocks)
 RESOURCES: dict = {}  # same keys: (registers a thread, spilled registers, shared bytes) of the compiled kernel
 
 
@@ -195,7 +196,13 @@ def t_blocks(B: int, T: int, rows: int, device: torch.device, resident: int) -> 
     """(n_blocks, tiles_per_block): split each sample's T tokens into blocks so that the B * n_blocks
     programs make one full wave: min(resident, BWD_PROGRAMS_PER_SM) programs on each SM (``resident`` from
     ``resident_per_sm``), rounded down -- a second, partial wave would cost a whole program's time. Fewer,
-    longer blocks mean fewer partial sums (B * n_blocks * D fp32 written and read again)."""
+    longer blocks mean fewer partial sums (B * n_blocks * D fp32 written and read again).
+
+    Symbolic sizes (a dynamic-shape trace) get SYMBOLIC_TILES tiles a block and one floor division: the
+    min/max/cdiv chain above, on SymInts, sent sympy's simplifier into minutes of work per launch (opcheck's
+    dynamic AOT-dispatch test on an H200 did not finish in 330 s)."""
+    if isinstance(B, torch.SymInt) or isinstance(T, torch.SymInt):
+        return cdiv(T, rows * SYMBOLIC_TILES), SYMBOLIC_TILES  # == cdiv(cdiv(T, rows), SYMBOLIC_TILES)
     n_tiles = cdiv(T, rows)
     per_sm = min(resident if device.type == "cuda" else INTERPRET_PROGRAMS, BWD_PROGRAMS_PER_SM)
     n_blocks = min(n_tiles, max(1, per_sm * sm_count(device) // B))

@@ -260,6 +260,29 @@ def test_resident_per_sm_takes_symbolic_sizes():
         assert got == _launch.SYMBOLIC_RESIDENT
 
 
+def test_t_blocks_under_symbolic_sizes_is_one_division():
+    """In a dynamic-shape trace the backward grid is cdiv(T, rows * SYMBOLIC_TILES) with SYMBOLIC_TILES tiles
+    a block: enough programs for every tile at any size, and no min/max chain for sympy to simplify (that
+    chain kept opcheck's dynamic AOT-dispatch test on the GPU busy for minutes)."""
+    import sympy
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    rows = 16
+
+    def grid(x):
+        nblk, tiles = _launch.t_blocks(x.shape[0], x.shape[1], rows, torch.device("cuda"), 4)
+        assert tiles == _launch.SYMBOLIC_TILES
+        return x.new_zeros(nblk)
+
+    gm = make_fx(grid, tracing_mode="symbolic")(torch.randn(3, 100, 8))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    expr = out.meta["val"].shape[0].node.expr
+    assert not expr.atoms(sympy.Min, sympy.Max), f"grid size {expr} is not one division"
+    for B, T in ((1, 1), (5, 64), (2, 1000), (7, 1025)):
+        nblk = gm(torch.randn(B, T, 8)).numel()
+        assert nblk * _launch.SYMBOLIC_TILES * rows >= T > (nblk - 1) * _launch.SYMBOLIC_TILES * rows
+
+
 def test_host_cdiv_and_next_pow2_match_triton():
     """The launchers' plain-Python cdiv / next_pow2 (triton's are jit functions, ~5 us a host call) agree with
     triton.cdiv / triton.next_power_of_2."""

