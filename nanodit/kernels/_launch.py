@@ -113,6 +113,12 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
+def partial_tile(nblk: int, cap: int = 32) -> int:
+    """How many per-block partials a finishing kernel loads at once: min(cap, next_pow2(nblk)); ``cap`` when
+    nblk is symbolic (the loads are masked, and a constexpr must not be a SymInt)."""
+    return cap if isinstance(nblk, torch.SymInt) else min(cap, next_pow2(nblk))
+
+
 def is_interpreted(kernel) -> bool:
     """True when Triton runs ``kernel`` in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return isinstance(kernel, InterpretedFunction)
@@ -280,7 +286,7 @@ def sum_blocks(
     # unused pointers when K < 3: the (read-only) partials, never an output -- two arguments aliasing one
     # output would be two separate results after functionalization (Inductor's view of the kernel)
     o = outs + (part,) * (3 - K)
-    block, nb = 128, min(32, next_pow2(nblk))
+    block, nb = 128, partial_tile(nblk)
     target(_sum_blocks_kernel, traced)[(cdiv(B * D, block),)](
         part, o[0], o[1], o[2], B * D, B * D * nblk, D, nblk, K=K, NB=nb, BLOCK=block, num_warps=4
     )

@@ -150,7 +150,7 @@ def _flow_loss_fwd(
     L.target(_flow_finish_kernel, traced)[(1,)](
         part, w, t, per_sample, bin_sum, bin_count, B, nblk, nbins, w.stride(0), t.stride(0), N,
         HAS_WEIGHT=weight is not None, BLOCK_B=128, NB=L.next_pow2(nbins),
-        NBJ=min(32, L.next_pow2(nblk)), num_warps=4,
+        NBJ=L.partial_tile(nblk), num_warps=4,
     )  # fmt: skip
     return per_sample, bin_sum, bin_count, grad
 
