@@ -9,7 +9,7 @@
 #   old-bench    bench_kernels.py (script mode, triton only, row kernels) on the code of the ignored folder OLD_TREE
 #                (git archive of an older commit's nanodit/), for before/after numbers from one machine and run
 #   ncu          Nsight Compute (--set full) of the row kernels at the large bench shape (scripts/ncu_kernels.py;
-#                NCU_OPS picks ops): ncu_rows.ncu-rep, ncu_details.txt, and ncu_summary.txt (key metrics)
+#                NCU_OPS picks ops, NCU_REGEX the kernels, e.g. '_kernel$' for flow_loss's finish and scale): ncu_rows.ncu-rep, ncu_details.txt, and ncu_summary.txt (key metrics)
 #   step         bench/bench_step.py --profile (VARIANTS env: comma list; default all): ms/step, GPU-busy ms
 #   train-short  the nano config for a few hundred steps: fp32/bf16 x eager/compile (ms/step, samples/s, memory);
 #                MODES (default "fp32 false,bf16 false,bf16 true,fp32 true") and KERNELS (default ref) pick runs
@@ -80,7 +80,7 @@ phase_ncu() {
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { echo "ncu: not found"; return; }
-  timeout ${NCU_TIMEOUT:-300} "$ncu" --clock-control none --profile-from-start off -k regex:'_(fwd|bwd)_kernel$' \
+  timeout ${NCU_TIMEOUT:-300} "$ncu" --clock-control none --profile-from-start off -k regex:"${NCU_REGEX:-_(fwd|bwd)_kernel\$}" \
     --set full --import-source no -f -o "$OUT/ncu_rows" python3 scripts/ncu_kernels.py ${NCU_OPS:-} > "$OUT/ncu.log" 2>&1
   tail -3 "$OUT/ncu.log"
   "$ncu" --import "$OUT/ncu_rows.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1

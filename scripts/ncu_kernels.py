@@ -2,9 +2,10 @@
 
     ncu --clock-control none -k regex:'_kernel$' --set full python3 scripts/ncu_kernels.py [op ...]
 
-ops: modulate, residual_modulate, residual_modulate_gated, gated_residual (default: all). bf16,
-(256, 1024, 384) as in bench/bench_kernels.py; scale/shift/gate are chunk() slices of one (B, 6D)
-tensor, as in the model. Each op runs once after one warm-up call at a tiny shape (compilation), so the
+ops: modulate, residual_modulate, residual_modulate_gated, gated_residual (default: these four), and
+flow_loss. bf16, (256, 1024, 384) as in bench/bench_kernels.py (flow_loss: latents (256, 16, 64, 64), 10
+t-bins: its forward kernel, the finishing kernel and the backward's scale); scale/shift/gate are chunk()
+slices of one (B, 6D) tensor, as in the model. Each op runs once after one warm-up call at a tiny shape (compilation), so the
 profiled launches are the large-shape ones (give ncu ``--launch-skip`` nothing).
 """
 
@@ -17,6 +18,7 @@ import torch
 from nanodit.kernels import adaln_modulate, gated_residual, residual_adaln_modulate
 
 B, T, D = 256, 1024, 384
+LATENT = (16, 64, 64)  # flow_loss: (C, H, W) of the latents, as bench_kernels.LOSS_SHAPES
 
 
 def run(op: str, b: int, t: int) -> None:
@@ -25,6 +27,15 @@ def run(op: str, b: int, t: int) -> None:
     def rnd(*shape):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
 
+    if op == "flow_loss":
+        from nanodit.kernels.flow_loss import flow_loss
+
+        shape = (b, *LATENT) if t == T else (b, LATENT[0], 8, 8)
+        v, x0, eps = rnd(*shape), rnd(*shape).detach(), rnd(*shape).detach()
+        per_sample, _, _ = flow_loss(v, x0, eps, torch.rand(b, device="cuda", generator=g), None, 10)
+        per_sample.mean().backward()
+        torch.cuda.synchronize()
+        return
     x, y = rnd(b, t, D), rnd(b, t, D)
     shift, scale, gate = rnd(b, 3 * D).chunk(3, dim=1)
     if op == "modulate":
