@@ -127,3 +127,36 @@ def test_flow_loss_many_blocks_and_long_loops(monkeypatch, blocks):
     for name, f, r in (("per_sample", ps, rps), ("bin_sum", bs, rbs), ("dv", dv, rdv)):
         check(f"flow_loss {blocks} {name}", f, r, None, seed)
     assert torch.equal(bc, rbc.float())
+
+
+def test_flow_loss_finish_takes_the_batch_in_one_step_where_it_fits():
+    """The finishing kernel (one program) takes every sample at once up to its tile budget: one round of
+    loads at B = 256 (the large benchmark shape), smaller steps where the partials or bins are wide."""
+    from nanodit.kernels import flow_loss as fl
+
+    assert fl._finish_block_b(256, 4, 10) == 256
+    assert fl._finish_block_b(16, 8, 10) == 16
+    assert fl._finish_block_b(1, 1, 10) == 16  # the least step
+    assert fl._finish_block_b(1000, 119, 10) == fl.FINISH_TILE // 32  # 32 partials a load
+    assert fl._finish_block_b(256, 4, 1000) == 16  # 1024 bins: the tile budget bounds the step
+
+
+def test_flow_loss_finish_loops_over_samples(monkeypatch):
+    """A batch larger than the finishing kernel's step: per-sample losses, bin sums and counts still match
+    (the loop over sample steps, with a ragged last step)."""
+    from nanodit.kernels import flow_loss as fl
+
+    seed = fresh_seed()
+    monkeypatch.setattr(fl, "FINISH_TILE", 64)  # 8 bins (nbins 7): 16 samples a step, 3 steps for 40
+    assert fl._finish_block_b(40, 1, 7) == 16
+    v = torch.randn(40, 2, 4, 4, device=DEVICE, requires_grad=True)
+    x0, eps = torch.randn_like(v), torch.randn_like(v)
+    t, w = torch.rand(40, device=DEVICE), torch.rand(40, device=DEVICE) + 0.5
+    ps, bs, bc = flow_loss(v, x0, eps, t, w, nbins=7)
+    (dv,) = torch.autograd.grad(ps.sum(), [v])
+    vr = v.detach().double().requires_grad_(True)
+    rps, rbs, rbc = flow_loss_ref(vr, x0.double(), eps.double(), t, w, nbins=7)
+    (rdv,) = torch.autograd.grad(rps.sum(), [vr])
+    for name, f, r in (("per_sample", ps, rps), ("bin_sum", bs, rbs), ("dv", dv, rdv)):
+        check(f"flow_loss finish loop {name}", f, r, None, seed)
+    assert torch.equal(bc, rbc.float())
