@@ -216,6 +216,16 @@ def t_blocks(B: int, T: int, rows: int, device: torch.device, resident: int) -> 
     return cdiv(n_tiles, tiles), tiles
 
 
+def wave_blocks(
+    kernel, args: Callable, meta: dict, B: int, T: int, rows: int, device: torch.device
+) -> tuple[int, int]:
+    """``t_blocks`` for ``kernel`` launched as ``kernel[(n_blocks, B)](*args(part, tiles), **meta)``: how many
+    programs an SM holds comes from the kernel compiled for those arguments (``resident_per_sm``; the partials
+    buffer does not exist yet, so its dtype stands in)."""
+    resident = resident_per_sm(kernel, args(torch.float32, 1), meta, device)
+    return t_blocks(B, T, rows, device, resident)
+
+
 def rows3d(x: torch.Tensor) -> torch.Tensor:
     """x (B, T, D) with unit stride along D (copied only when it is not); B/T strides stay free."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -244,8 +244,7 @@ def _modulate_bwd(
             dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0),
         )  # fmt: skip
 
-    resident = L.resident_per_sm(_modulate_bwd_kernel, args(torch.float32, 1), meta, x.device)
-    nblk, tiles = L.t_blocks(B, T, rows, x.device, resident)
+    nblk, tiles = L.wave_blocks(_modulate_bwd_kernel, args, meta, B, T, rows, x.device)
     part = torch.empty((2, B, nblk, D), dtype=torch.float32, device=x.device)
     L.target(_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
@@ -312,8 +311,7 @@ def _residual_modulate_bwd(
             g.stride(0), scale.stride(0),
         )  # fmt: skip
 
-    resident = L.resident_per_sm(_residual_modulate_bwd_kernel, args(torch.float32, 1), meta, xn.device)
-    nblk, tiles = L.t_blocks(B, T, rows, xn.device, resident)
+    nblk, tiles = L.wave_blocks(_residual_modulate_bwd_kernel, args, meta, B, T, rows, xn.device)
     part = torch.empty((3 if has_gate else 2, B, nblk, D), dtype=torch.float32, device=xn.device)
     L.target(_residual_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     if has_gate:

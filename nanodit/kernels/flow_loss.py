@@ -154,8 +154,7 @@ def _flow_loss_fwd(
         return v2, x2, e2, w, grad, part, N, tiles, v2.stride(0), x2.stride(0), e2.stride(0), w.stride(0)
 
     # one full wave of what fits on the SMs, as the row kernels' backward (_launch.t_blocks)
-    resident = L.resident_per_sm(_flow_loss_fwd_kernel, args(torch.float32, 1), meta, v.device)
-    nblk, tiles = L.t_blocks(B, N, BLOCK, v.device, resident)
+    nblk, tiles = L.wave_blocks(_flow_loss_fwd_kernel, args, meta, B, N, BLOCK, v.device)
     part = torch.empty((B, nblk), dtype=torch.float32, device=v.device)
     L.target(_flow_loss_fwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     per_sample = torch.empty((B,), dtype=torch.float32, device=v.device)

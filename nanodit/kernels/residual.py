@@ -106,8 +106,7 @@ def _gated_residual_bwd(
             dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         )  # fmt: skip
 
-    resident = L.resident_per_sm(_gated_residual_bwd_kernel, args(torch.float32, 1), meta, y.device)
-    nblk, tiles = L.t_blocks(B, T, rows, y.device, resident)
+    nblk, tiles = L.wave_blocks(_gated_residual_bwd_kernel, args, meta, B, T, rows, y.device)
     part = torch.empty((B, nblk, D), dtype=torch.float32, device=y.device)
     L.target(_gated_residual_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     (dgate,) = L.sum_blocks(part[None], (gate.dtype,), traced)  # (B, D)
