@@ -75,6 +75,8 @@ class TrainConfig:
     ema_warmup_steps: int = 5000  # decay ramps 0 -> ema_decay over these steps
     t_mean: float = 0.0  # logit-normal t
     t_std: float = 1.0
+    # timestep shift s (SD3 / Flux): logit(t) += ln s, i.e. t' = s t / (1 + (s - 1) t); 1 = the plan's t
+    t_shift: float = 1.0
     p_drop_both: float = 0.1
     p_drop_text: float = 0.1
     p_drop_dino: float = 0.1
@@ -108,6 +110,7 @@ class ValConfig:
     steps: int = 50  # Euler steps
     guidance_dino: float = 1.0  # s_d
     guidance_text: float = 1.0  # s_t
+    sample_shift: float = 1.0  # timestep shift of the Euler schedule (flow.shift_t); 1 = uniform steps
     seed: int = 1234
     vae: str | None = None  # local path of a diffusers AutoencoderKL (Flux VAE) for real latents
     vae_dtype: str = "fp32"  # fp32 | bf16
@@ -167,6 +170,8 @@ POSITIVE = [
     "val.steps",
     "val.loss_window",
     "train.t_std",
+    "train.t_shift",
+    "val.sample_shift",
 ]
 NON_NEGATIVE = [
     "train.lr",

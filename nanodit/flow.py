@@ -11,15 +11,26 @@ With s_d = s_t = 1 this is the conditional prediction v_dt, and only that pass i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 
-def sample_t(n: int, mean: float, std: float, generator: torch.Generator, device) -> torch.Tensor:
-    """Logit-normal t: sigmoid(N(mean, std^2)), shape (n,), fp32."""
+def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of SD3 / Flux: t' = s t / (1 + (s - 1) t), i.e. logit(t') = logit(t) + ln s.
+    s > 1 moves t toward noise (t = 1); s = 1 is the identity; 0 and 1 stay fixed."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_t(
+    n: int, mean: float, std: float, generator: torch.Generator, device, shift: float = 1.0
+) -> torch.Tensor:
+    """Logit-normal t, then the timestep shift: sigmoid(N(mean + ln shift, std^2)), shape (n,), fp32."""
     z = torch.randn(n, generator=generator, device=device)  # (B,)
-    return torch.sigmoid(mean + std * z)
+    return torch.sigmoid(mean + math.log(shift) + std * z)
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -40,6 +51,7 @@ def training_loss(
     t_std: float = 1.0,
     nbins: int = 10,
     autocast=None,
+    t_shift: float = 1.0,
 ):
     """One flow-matching loss on a batch. Returns (loss, stats) where stats hold per-t-bin sums and counts.
 
@@ -47,7 +59,7 @@ def training_loss(
     """
     x0 = batch["latent"].float()  # (B, C, H, W)
     B = x0.shape[0]
-    t = sample_t(B, t_mean, t_std, generator, x0.device)  # (B,)
+    t = sample_t(B, t_mean, t_std, generator, x0.device, t_shift)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, C, H, W)
     x_t = interpolate(x0, eps, t)  # (B, C, H, W)
     with autocast if autocast is not None else torch.autocast(x0.device.type, enabled=False):
@@ -102,10 +114,13 @@ def sample_euler(
     s_dino: float = 1.0,
     s_text: float = 1.0,
     autocast=None,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """Integrate from t = 1 (noise) to t = 0 with ``steps`` Euler steps. Returns x0 estimates (fp32)."""
+    """Integrate from t = 1 (noise) to t = 0 with ``steps`` Euler steps. Returns x0 estimates (fp32).
+    ``shift`` > 1 spaces the steps by the timestep shift (``shift_t``): more of them near t = 1, where
+    the layout is decided (SD3 / Flux sample with the shift they train with)."""
     x = noise.float()  # (B, C, H, W)
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=x.device)
+    ts = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=x.device), shift)  # (steps + 1,)
     for i in range(steps):
         t = ts[i].expand(x.shape[0])  # (B,)
         with autocast if autocast is not None else torch.autocast(x.device.type, enabled=False):

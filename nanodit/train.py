@@ -11,7 +11,6 @@ resume -> loop (log, checkpoint, validate) -> teardown (final checkpoint, final 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -32,6 +31,7 @@ from nanodit.checkpoint import (
 from nanodit.config import Config, ConfigError, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
 from nanodit.data.shards import ShardError
+from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.flow import training_loss
 from nanodit.model import build_model
 from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
@@ -40,26 +40,6 @@ from nanodit.tracing import StepProfiler
 
 class TrainError(RuntimeError):
     """A problem a user can fix; printed as one line."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"train.device={name}: CUDA is not available on this machine")
-    return dev
-
-
-def set_precision(precision: str, device: torch.device):
-    """Matmul precision flags and the autocast context for ``train.precision``."""
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class MetricsLogger:
@@ -209,7 +189,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
         with prof.region("forward+loss"):
             loss, stats = training_loss(
-                fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast
+                fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast, t.t_shift
             )
         with prof.region("backward"):
             optim.zero_grad(set_to_none=True)
@@ -349,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("no GPU found: running the smoke config (a minute on a CPU); pass --config to choose")
         cfg = load_config(name, args.overrides)
         train(cfg)
-    except (ConfigError, TrainError, ShardError, CheckpointError) as e:
+    except (ConfigError, TrainError, ShardError, CheckpointError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

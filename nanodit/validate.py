@@ -202,6 +202,7 @@ def generate(model: torch.nn.Module, cases: list[Case], vcfg: ValConfig, autocas
             vcfg.guidance_dino,
             vcfg.guidance_text,
             autocast,
+            vcfg.sample_shift,
         )  # (B, C, h, w)
         for j, i in enumerate(idx):
             out[i] = x[j].float().cpu()
@@ -776,8 +777,8 @@ def validate_checkpoint(
 ) -> dict:
     """What ``python -m nanodit.validate`` does; returns {"path", "decision", "scores"}."""
     from nanodit.data import data_root
+    from nanodit.device import pick_device, set_precision
     from nanodit.model import build_model
-    from nanodit.train import pick_device, set_precision
 
     cfg, state, ckpt = load_run(run, checkpoint, overrides or [])
     device = pick_device(cfg.train.device)
