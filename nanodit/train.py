@@ -35,7 +35,10 @@ from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.flow import training_loss
 from nanodit.model import build_model
 from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
+from nanodit.provenance import code_version
 from nanodit.tracing import StepProfiler
+from nanodit.validation import Validator, read_val_samples, write_final
+from nanodit.validation.report import decision_lines
 
 
 class TrainError(RuntimeError):
@@ -118,6 +121,12 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     optim = build_optimizer(model, cfg.train, device)
     ema = EMA(model)
 
+    # ---- validation: the run's judge, built once from its config, manifest and samples -------
+    validator = None
+    if cfg.val.every or cfg.val.at_end:
+        _, val_groups = read_val_samples(loader.root, cfg.val.samples, cfg.data.on_error)
+        validator = Validator(cfg, manifest, val_groups, device)
+
     # ---- compile (checkpoints always hold the uncompiled module) ------------------------------
     fwd = model
     cudagraphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
@@ -150,7 +159,6 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     # ---- loop ---------------------------------------------------------------------------------
     metrics = MetricsLogger(run_dir, cfg.run.tensorboard)
     t = cfg.train
-    validate_hook = _validation_hook(cfg)
     bar = None
     if cfg.run.progress and not quiet:
         from tqdm import tqdm
@@ -250,8 +258,8 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             if bar is not None:
                 bar.close()
             return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
-        if validate_hook is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
-            _safe_validate(validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics)
+        if validator is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
+            validate_ema(validator, ema, run_dir, step, metrics, say)
             t_last = time.perf_counter()
 
     # ---- teardown -----------------------------------------------------------------------------
@@ -266,16 +274,16 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         "last_logged_loss": last_loss,
         "checkpoint": str(final),
         "params": n_params,
+        "code": code_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     if prof.summary is not None:
         summary["profile"] = prof.summary
         say(f"profile: {run_dir / 'profile'} (trace.json, summary.txt)")
-    if validate_hook is not None and cfg.val.at_end:
-        report = _safe_validate(
-            validate_hook, say, run_dir, model, ema, manifest, loader, step, metrics, final=True
-        )
+    report = None
+    if validator is not None and cfg.val.at_end:
+        report = validate_ema(validator, ema, run_dir, step, metrics, say, final=True)
         if report is not None:  # the scores themselves are in the report folder's scores.json
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
     metrics.close()
@@ -283,31 +291,37 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     say(f"done: {step} steps, loss {first_loss} -> {last_loss}")
     say(f"run folder: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
-    if summary.get("report"):
-        say(f"report: {summary['report']['path']}  decision: {summary['report']['decision']}")
+    if report is not None:
+        for line in decision_lines(report["scores"], report["path"]):
+            say(line)
     return summary
 
 
-def _safe_validate(hook, say, *args, **kw) -> dict | None:
-    """Run validation; a failure there is reported and logged but never ends training or loses checkpoints."""
+def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, say, final: bool = False):
+    """Judge the EMA weights at ``step`` into ``run_dir/validation/step-<step>/`` (with ``final`` also
+    ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: a fresh eager
+    twin gets the EMA weights (the live blocks may be compiled, and validation shapes would only add compiles).
+    A failure here is reported and logged but never ends training or loses a checkpoint (re-validate later).
+    Returns {"path", "decision", "scores"} or None."""
+    cfg, manifest = validator.cfg, validator.manifest
+    step_dir = run_dir / "validation" / f"step-{step:08d}"
     try:
-        return hook(*args, **kw)
+        vmodel = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(validator.device)
+        ema.copy_to(vmodel)
+        vmodel.eval().requires_grad_(False)
+        result = validator.run(
+            vmodel, step, step_dir, run_dir, metrics, self_test=final and cfg.val.self_test
+        )
+        del vmodel
+        path = write_final(run_dir, step_dir, result) if final else step_dir
     except Exception as e:  # validation must not kill a long run: the checkpoint can be re-validated later
         msg = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        say(
-            f"validation failed at step {args[5]}: {msg} (re-run: python -m nanodit.validate --run {args[0]})"
-        )
-        args[6].log(args[5], {"validation_error": msg})
+        say(f"validation failed at step {step}: {msg} (re-run: python -m nanodit.validate --run {run_dir})")
+        metrics.log(step, {"validation_error": msg})
         return None
-
-
-def _validation_hook(cfg: Config):
-    """The validation entry point if the validate module is present (GO / NO-GO reports)."""
-    try:
-        from nanodit.validate import validate_during_training
-    except ImportError:
-        return None
-    return validate_during_training
+    if not final:
+        say(f"validation step {step}: {result['decision']}  ({step_dir})")
+    return {"path": str(path), "decision": result["decision"], "scores": result}
 
 
 def main(argv: list[str] | None = None) -> int:

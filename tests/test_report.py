@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nanodit import report, scores
+from nanodit.validation import criteria as scores
+from nanodit.validation import report
 
 
 def fake_result(step: int = 100, lpips_value: float | None = 0.1) -> dict:

@@ -1,5 +1,6 @@
 """Scores and the decision: image metrics against their formulas, LPIPS loading without a network,
-the smoothed loss criterion, and GO only when every criterion is computed and passes."""
+the smoothed loss criterion, Wilson intervals, and the three outcomes (GO only when every required
+criterion is computed and passes; NO-GO when one fails; INCOMPLETE when a required one is missing)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanodit import scores
+from nanodit.validation import criteria
+from nanodit.validation import metrics as scores
 
 
 def test_psnr_matches_formula_and_caps_identical() -> None:
@@ -62,26 +64,58 @@ def test_loss_ratio_windows() -> None:
 
 
 def test_criterion_pass_and_fail_at_the_threshold() -> None:
-    assert scores.criterion("lpips", 0.19, 0.2, "<", "d")["pass"] is True
-    assert scores.criterion("lpips", 0.2, 0.2, "<", "d")["pass"] is False  # strict
-    assert scores.criterion("rate", 0.6, 0.6, ">=", "d")["pass"] is True
-    assert scores.criterion("rate", 0.59, 0.6, ">=", "d")["pass"] is False
+    assert criteria.criterion("lpips", 0.19, 0.2, "<", "d")["pass"] is True
+    assert criteria.criterion("lpips", 0.2, 0.2, "<", "d")["pass"] is False  # strict
+    assert criteria.criterion("rate", 0.6, 0.6, ">=", "d")["pass"] is True
+    assert criteria.criterion("rate", 0.59, 0.6, ">=", "d")["pass"] is False
     with pytest.raises(ValueError, match="op"):
-        scores.criterion("x", 1.0, 1.0, ">", "d")
+        criteria.criterion("x", 1.0, 1.0, ">", "d")
     with pytest.raises(ValueError, match="not_computed"):
-        scores.criterion("x", float("nan"), 1.0, "<", "d")
+        criteria.criterion("x", float("nan"), 1.0, "<", "d")
 
 
 def test_decide_go_only_when_all_computed_and_passing() -> None:
-    ok = [scores.criterion("a", 0.1, 0.2, "<", "d"), scores.criterion("b", 0.9, 0.6, ">=", "d")]
-    assert scores.decide(ok) == {"decision": "GO", "failed": [], "not_computed": []}
-    bad = ok + [scores.criterion("c", 0.5, 0.6, ">=", "d")]
-    assert scores.decide(bad) == {"decision": "NO-GO", "failed": ["c"], "not_computed": []}
-    nc = scores.not_computed("lpips", 0.2, "<", "d", why="no weights", how="provide them")
+    ok = [criteria.criterion("a", 0.1, 0.2, "<", "d"), criteria.criterion("b", 0.9, 0.6, ">=", "d")]
+    assert criteria.decide(ok) == {"decision": "GO", "failed": [], "not_computed": []}
+    bad = ok + [criteria.criterion("c", 0.5, 0.6, ">=", "d")]
+    assert criteria.decide(bad) == {"decision": "NO-GO", "failed": ["c"], "not_computed": []}
+    nc = criteria.not_computed("lpips", 0.2, "<", "d", why="no weights", how="provide them")
     assert nc["value"] is None and nc["pass"] is None and nc["how to provide"] == "provide them"
-    assert scores.decide(ok + [nc]) == {"decision": "NO-GO", "failed": [], "not_computed": ["lpips"]}
-    assert scores.decide([])["decision"] == "NO-GO"
+    assert criteria.decide(ok + [nc]) == {"decision": "INCOMPLETE", "failed": [], "not_computed": ["lpips"]}
+    # a failure is conclusive: NO-GO even with a required criterion missing
+    assert criteria.decide(bad + [nc]) == {"decision": "NO-GO", "failed": ["c"], "not_computed": ["lpips"]}
+    # an optional criterion that cannot be computed does not block GO; computed, it counts
+    opt = criteria.not_computed("lpips", 0.2, "<", "d", why="w", how="h", required=False)
+    assert criteria.decide(ok + [opt]) == {"decision": "GO", "failed": [], "not_computed": []}
+    opt_bad = criteria.criterion("lpips", 0.3, 0.2, "<", "d", required=False)
+    assert criteria.decide(ok + [opt_bad])["decision"] == "NO-GO"
+    assert criteria.decide([])["decision"] == "INCOMPLETE"
     assert scores.rate([True, False, True, True]) == 0.75 and scores.rate([]) is None
+
+
+def test_wilson_interval_matches_reference_values() -> None:
+    """Against the Wilson score formula's published values (z = 1.96): it stays in [0, 1], contains k/n, is not
+    empty at k = 0 or k = n, and narrows as n grows; 5/5 cannot show a rate above 0.6."""
+    lo, hi = scores.wilson(5, 5)
+    assert lo == pytest.approx(0.5655, abs=1e-4) and hi == 1.0
+    lo, hi = scores.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = scores.wilson(13, 20)
+    assert lo == pytest.approx(0.4329, abs=1e-4) and hi == pytest.approx(0.8188, abs=1e-4)
+    assert scores.wilson(0, 0) is None
+    widths = [scores.wilson(round(0.8 * n), n) for n in (5, 20, 80)]
+    assert all(a[1] - a[0] > b[1] - b[0] for a, b in zip(widths, widths[1:]))
+    for k in range(0, 33):
+        lo, hi = scores.wilson(k, 32)
+        assert 0.0 <= lo <= k / 32 <= hi <= 1.0
+
+
+def test_rate_criterion_carries_counts_and_interval() -> None:
+    c = criteria.rate_criterion("text_manip", [20, 32], 0.6, "d", why="w", how="h")
+    assert c["computed"] and c["pass"] and c["value"] == 0.625 and (c["passed"], c["n"]) == (20, 32)
+    assert c["ci95"] == list(scores.wilson(20, 32))
+    none = criteria.rate_criterion("text_manip", None, 0.6, "d", why="no cases", how="more samples")
+    assert not none["computed"] and none["why"] == "no cases"
 
 
 def test_lpips_not_computed_without_backbone_says_how(tmp_path, monkeypatch) -> None:
@@ -143,7 +177,7 @@ def test_lpips_loads_a_local_backbone(tmp_path, monkeypatch, where) -> None:
 
 
 def test_scores_json_clean_has_no_nan() -> None:
-    from nanodit.report import clean
+    from nanodit.validation.report import clean
 
     out = clean({"a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": (1, True)})
     assert out == {"a": None, "b": [1.5, None], "c": [1, True]}

@@ -1,7 +1,9 @@
-"""The validation report: scores.json, PNG grids with captions, the loss curve, report.md and a
-self-contained report.html (images embedded as base64), and the same numbers and grids in TensorBoard.
+"""The validation report: scores.json, PNG grids with captions, the loss curves (total and per t), the
+condition-effect plot, report.md and a self-contained report.html (images embedded as base64, verdicts
+coloured), the same numbers and grids in TensorBoard, and the lines the command lines print last.
 
-    write_report(out_dir, result, images)   # result: validate.run_validation's dict; images: grid rows per test
+    write_report(out_dir, result, images)   # result: Validator.run's dict; images: grid rows per test
+    decision_lines(result, path)            # the decision once, then one line per failed or missing criterion
 
 The Markdown and the HTML are rendered from one list of blocks, so they always hold the same numbers.
 """
@@ -17,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from nanodit.validation.criteria import NO_EFFECT
 
 CELL = 192  # longest image side in a grid cell, px
 PAD = 6
@@ -114,18 +118,23 @@ def grid(
     return canvas
 
 
+def _figure(width: float = 7, height: float = 3.5):
+    # matplotlib is imported only when a plot is drawn (start-up cost); no pyplot: no global state, no GUI
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
 def loss_curve(points: list[list[float]], path: Path, result: dict) -> bool:
     """Training loss vs step (log scale) with the initial and final windows of the criterion; False when
     there is nothing to draw."""
     if not points:
         return False
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
     steps, losses = zip(*points)
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _figure()
     ax.plot(steps, losses, lw=1, label="training loss")
     c = result.get("criteria", {}).get("loss_ratio", {})
     if c.get("computed"):
@@ -136,6 +145,47 @@ def loss_curve(points: list[list[float]], path: Path, result: dict) -> bool:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def loss_bins_curve(bins: dict[str, list[tuple[int, float]]], path: Path) -> bool:
+    """The training loss of each t bin over the steps (log scale): where in t the model has not fit."""
+    if not bins:
+        return False
+    fig, ax = _figure()
+    from matplotlib import colormaps  # matplotlib is imported only when a plot is drawn
+
+    cmap = colormaps["viridis"]
+    for i, (name, pts) in enumerate(bins.items()):
+        steps, vals = zip(*pts)
+        lo = float(name[1:])
+        ax.plot(
+            steps, vals, lw=1, color=cmap(i / max(1, len(bins) - 1)), label=f"t in [{lo:.1f}, {lo + 0.1:.1f})"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss in the t bin")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def effects_curve(effects: dict | None, path: Path) -> bool:
+    """How much the caption and the DINO move the prediction, against t (0 = a condition with no effect)."""
+    if not effects or not effects.get("caption"):
+        return False
+    fig, ax = _figure(7, 3)
+    ax.plot(effects["t"], effects["caption"], "o-", label="caption: ||v(D,T) - v(D,null)|| / ||v||")
+    ax.plot(effects["t"], effects["dino"], "s-", label="DINO: ||v(D,T) - v(null,T)|| / ||v||")
+    ax.axhline(NO_EFFECT, color="red", ls=":", lw=1, label=f"no effect below {NO_EFFECT:.0%}")
+    ax.set_xlabel("t (1 = noise)")
+    ax.set_ylabel("relative change of v")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -157,10 +207,22 @@ def _num(v, nd: int = 4) -> str:
     return str(v)
 
 
+def verdict(c: dict) -> str:
+    if not c["computed"]:
+        return "not computed" if c.get("required", True) else "not computed (optional)"
+    return "pass" if c["pass"] else "FAIL"
+
+
+def _ci(c: dict) -> str:
+    if "ci95" not in c:
+        return ""
+    lo, hi = c["ci95"]
+    return f"{c['passed']}/{c['n']}, 95% CI {lo:.2f}-{hi:.2f}"
+
+
 def _criteria_rows(result: dict) -> list[list[str]]:
     rows = []
     for c in result["criteria"].values():
-        verdict = "not computed" if not c["computed"] else ("pass" if c["pass"] else "**FAIL**")
         note = "" if c["computed"] else f"{c['why']} — how to provide: {c['how to provide']}"
         if c["name"] == "loss_ratio" and c["computed"]:
             note = f"initial {c['initial']:.4g}, final {c['final']:.4g} (window {c['window']} of {c['points']} points)"
@@ -168,8 +230,9 @@ def _criteria_rows(result: dict) -> list[list[str]]:
             [
                 c["name"],
                 _num(c["value"]),
+                _ci(c),
                 f"{c['op']} {c['threshold']:g}",
-                verdict,
+                verdict(c),
                 c["description"] + (f"; {note}" if note else ""),
             ]
         )
@@ -181,6 +244,7 @@ def _case_rows(result: dict, test: str) -> list[list[str]]:
     for r in result["cases"]:
         if r["test"] != test:
             continue
+        read = _read(r)
         if test == "recon":
             rows.append(
                 [
@@ -190,21 +254,115 @@ def _case_rows(result: dict, test: str) -> list[list[str]]:
                     _num(r.get("ssim")),
                     _num(r.get("lpips")),
                     _num(r.get("latent_mse")),
-                    _num(r.get("scorer_pass")),
+                    _pass(r.get("scorer_pass")),
+                    read,
                 ]
             )
         elif test == "dino_swap":
-            rows.append([r["a"], r["b"], r["a_caption"], _num(r.get("passed")), r.get("detail", "")])
+            rows.append([r["a"], r["b"], r["a_caption"], _pass(r.get("passed")), r.get("detail", ""), read])
         else:
-            rows.append([r["a"], r["caption"], _num(r.get("passed")), r.get("detail", "")])
+            rows.append([r["a"], r["caption"], _pass(r.get("passed")), r.get("detail", ""), read])
     return rows
 
 
+def _pass(v) -> str:
+    return "—" if v is None else ("pass" if v else "FAIL")
+
+
+def _read(r: dict) -> str:
+    """What the scorer read back beside what the case expected (shapes data)."""
+    if "objects_read" not in r:
+        return ""
+    light = ""
+    exp, got = r.get("light_expected_deg"), r.get("light_read_deg")
+    if exp is not None and isinstance(got, float) and math.isfinite(got):
+        light = f"; light read {got:.0f} deg, expected {exp:.0f}"
+    elif r.get("light_err_b_deg") is not None:
+        light = f"; light {r['light_err_b_deg']:.0f} deg from B's"
+    elif r.get("light_err_deg") is not None:
+        light = f"; light {r['light_err_deg']:.0f} deg from A's"
+    return f"read: {', '.join(r['objects_read']) or 'no object'} — expected: {', '.join(r['objects_expected'])}{light}"
+
+
 CASE_HEADERS = {
-    "recon": ["sample", "caption", "PSNR dB", "SSIM", "LPIPS", "latent MSE", "scorer pass"],
-    "dino_swap": ["A", "B", "caption of A", "pass", "detail"],
-    "text_manip": ["sample", "swapped caption", "pass", "detail"],
+    "recon": [
+        "sample",
+        "caption",
+        "PSNR dB",
+        "SSIM",
+        "LPIPS",
+        "latent MSE",
+        "scorer",
+        "factors read / expected",
+    ],
+    "dino_swap": ["A", "B", "caption of A", "pass", "detail", "factors read / expected"],
+    "text_manip": ["sample", "swapped caption", "pass", "detail", "factors read / expected"],
 }
+
+
+def decision_summary(result: dict) -> list[str]:
+    """The decision's reasons, one sentence each: diagnoses of failed and missing criteria, loud warnings,
+    the self-test's verdict, and what a smoke run's decision means."""
+    out = []
+    for c in result["criteria"].values():
+        if "diagnosis" in c:
+            out.append(f"{c['name']}: {c['diagnosis']}")
+    for w in result.get("warnings", []):
+        out.append(f"WARNING: {w}")
+    st = result.get("self_test")
+    if st:
+        out.append(self_test_line(st))
+    if result.get("no_power"):
+        out.append(
+            "the decision is INCOMPLETE, not GO: the self-test's planted fault(s) "
+            f"{', '.join(result['no_power'])} did not fail their target, so these tests cannot tell a broken "
+            "model on this run (raise val.samples, or check the scorer)"
+        )
+    if result.get("plumbing_only"):
+        out.append(
+            "note: this is a smoke run (val.plumbing_only): its decision checks that training and validation "
+            "work end to end, not whether the architecture works"
+        )
+    return out
+
+
+def self_test_line(st: dict) -> str:
+    faults = st["faults"].values()
+    caught = sum(e["caught"] is True for e in faults)
+    parts = ", ".join(
+        f"{e['fault']} -> {e['target']} {_num(e['target_value'], 3)} ({_caught(e)})" for e in faults
+    )
+    return f"self-test: {caught}/{len(st['faults'])} planted faults fail the test they target: {parts}"
+
+
+def _identity_rows(result: dict) -> list[list[str]]:
+    ident = dict(result.get("identity", {}))
+    for k in ("checkpoint", "step"):
+        if k in result:
+            ident[k] = result[k]
+    return [[k, _num(v)] for k, v in ident.items()]
+
+
+def _effect_rows(effects: dict) -> list[list[str]]:
+    return [
+        [f"{t:.2f}", f"{c:.2%}", f"{d:.2%}"]
+        for t, c, d in zip(effects["t"], effects["caption"], effects["dino"])
+    ]
+
+
+def _caught(e: dict) -> str:
+    if e["caught"] is None:
+        return "not computed"
+    if not e["caught"]:
+        return "NOT caught"
+    return "caught" if e.get("intact_pass") else "fails, as the intact model does"
+
+
+def _self_test_rows(st: dict) -> list[list[str]]:
+    return [
+        [e["fault"], e["what"], e["target"], _num(e["target_value"]), _caught(e), e["decision"]]
+        for e in st["faults"].values()
+    ]
 
 
 def blocks(result: dict, files: dict[str, str], history: list[dict] | None, final: bool) -> list[tuple]:
@@ -220,18 +378,62 @@ def blocks(result: dict, files: dict[str, str], history: list[dict] | None, fina
             f"Decision **{result['decision']}** at step {result['step']} ({result['data']} data). Failed: {failed}. Not computed: {missing}.",
         )
     )
-    out.append(("p", "GO needs every criterion computed and passing."))
-    out.append(
-        ("table", ["criterion", "value", "threshold", "verdict", "what / why"], _criteria_rows(result))
-    )
-    out.append(("h2", "Numbers"))
-    out.append(("table", ["number", "value"], [[k, _num(v)] for k, v in result["numbers"].items()]))
     out.append(
         (
             "p",
-            f"Sampling: EMA weights, {s['steps']} Euler steps, guidance DINO {s['guidance_dino']:g} / text {s['guidance_text']:g}, "
-            f"seed {s['seed']}, {s['samples_per_test']} samples per test, {s['sampler_calls']} sampler call(s), "
-            f"precision {s['precision']}, {s['device']}: {s['seconds']:.2f} s sampling, {result['seconds']:.2f} s in all.",
+            "GO needs every required criterion computed and passing; NO-GO: a criterion failed; INCOMPLETE: "
+            "none failed but a required one could not be computed (or the self-test showed no power).",
+        )
+    )
+    for line in decision_summary(result):
+        out.append(("p", f"**{line}**" if line.startswith(("WARNING", "the decision")) else line))
+    out.append(
+        (
+            "table",
+            ["criterion", "value", "passed / interval", "threshold", "verdict", "what / why"],
+            _criteria_rows(result),
+        )
+    )
+    if result.get("self_test"):
+        out.append(("h2", "Self-test: planted faults"))
+        out.append(
+            (
+                "p",
+                "The same cases with a fault planted in the trained weights; each must fail the criterion it "
+                "targets, or these tests could not catch that fault on this run.",
+            )
+        )
+        out.append(
+            (
+                "table",
+                ["fault", "what", "target", "target value", "verdict", "decision"],
+                _self_test_rows(result["self_test"]),
+            )
+        )
+    out.append(("h2", "Run"))
+    out.append(("table", ["", ""], _identity_rows(result)))
+    if result.get("effects") and result["effects"].get("caption"):
+        out.append(("h2", "How much each condition moves the prediction"))
+        out.append(
+            (
+                "p",
+                "On the reconstruction cases at x_t = (1-t) x0 + t eps: the relative change of v when the caption "
+                "(or the DINO) is replaced by its learned null. 0 at every t: the model ignores that condition.",
+            )
+        )
+        if "effects" in files:
+            out.append(("img", files["effects"], "condition effect"))
+        out.append(("table", ["t", "caption", "DINO"], _effect_rows(result["effects"])))
+    out.append(("h2", "Numbers"))
+    nums = [[k, _num(v)] for k, v in result["numbers"].items() if k != "counts"]
+    out.append(("table", ["number", "value"], nums))
+    out.append(
+        (
+            "p",
+            f"Sampling: EMA weights, {s['steps']} Euler steps (schedule shift {s.get('shift', 1.0):g}), guidance "
+            f"DINO {s['guidance_dino']:g} / text {s['guidance_text']:g}, seed {s['seed']}, {s['samples_per_test']} "
+            f"samples per test, {s['sampler_calls']} sampler call(s), precision {s['precision']}, {s['device']}: "
+            f"{s['seconds']:.2f} s sampling, {result['seconds']:.2f} s in all.",
         )
     )
     dec = result["decoder"]
@@ -252,12 +454,22 @@ def blocks(result: dict, files: dict[str, str], history: list[dict] | None, fina
     if "loss" in files:
         out.append(("h2", "Training loss"))
         out.append(("img", files["loss"], "training loss"))
+    if "loss_bins" in files:
+        out.append(("p", "Training loss per t bin (1 = noise): where in t the model has not fit its data."))
+        out.append(("img", files["loss_bins"], "training loss per t bin"))
     for test in ("recon", "dino_swap", "text_manip"):
         out.append(("h2", TITLES[test]))
         if test in files:
             out.append(("img", files[test], TITLES[test]))
         out.append(("table", CASE_HEADERS[test], _case_rows(result, test)))
     return out
+
+
+def decision_lines(result: dict, path: str | Path) -> list[str]:
+    """What ``train`` and ``validate`` print last: the decision once, then each reason on its own line."""
+    return [f"decision: {result['decision']}  (report: {Path(path) / 'report.html'})"] + [
+        f"  {line}" for line in decision_summary(result)
+    ]
 
 
 def _md_cell(text: str) -> str:
@@ -283,6 +495,23 @@ def to_markdown(bl: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+VERDICT_STYLE = {
+    "pass": "color:#1a7f37;font-weight:bold",
+    "caught": "color:#1a7f37;font-weight:bold",
+    "GO": "color:#1a7f37;font-weight:bold",
+    "FAIL": "color:#cf222e;font-weight:bold",
+    "NOT caught": "color:#cf222e;font-weight:bold",
+    "NO-GO": "color:#cf222e;font-weight:bold",
+    "not computed": "color:#9a6700;font-weight:bold",
+    "INCOMPLETE": "color:#9a6700;font-weight:bold",
+}
+
+
+def _td(text: str) -> str:
+    style = VERDICT_STYLE.get(str(text))
+    return f'<td style="{style}">' if style else "<td>"
+
+
 def _html_text(text: str) -> str:
     parts = html.escape(str(text)).split("**")  # **bold** -> <b>bold</b>
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
@@ -292,8 +521,12 @@ def to_html(bl: list[tuple], folder: Path) -> str:
     """Self-contained HTML: every image is embedded as a base64 data URI, no external file or script."""
     body = []
     for b in bl:
-        if b[0] in ("h1", "h2"):
-            body.append(f"<{b[0]}>{_html_text(b[1])}</{b[0]}>")
+        if b[0] == "h1":
+            word = b[1].rsplit(": ", 1)[-1]
+            style = f' style="{VERDICT_STYLE[word]}"' if word in VERDICT_STYLE else ""
+            body.append(f"<h1{style}>{_html_text(b[1])}</h1>")
+        elif b[0] == "h2":
+            body.append(f"<h2>{_html_text(b[1])}</h2>")
         elif b[0] == "p":
             body.append(f"<p>{_html_text(b[1])}</p>")
         elif b[0] == "img":
@@ -302,7 +535,7 @@ def to_html(bl: list[tuple], folder: Path) -> str:
         elif b[0] == "table":
             head = "".join(f"<th>{_html_text(h)}</th>" for h in b[1])
             rows = "".join(
-                "<tr>" + "".join(f"<td>{_html_text(c)}</td>" for c in row) + "</tr>" for row in b[2]
+                "<tr>" + "".join(f"{_td(c)}{_html_text(c)}</td>" for c in row) + "</tr>" for row in b[2]
             )
             body.append(f"<table><tr>{head}</tr>{rows}</table>")
     style = (
@@ -337,6 +570,10 @@ def write_report(
             files[test] = name
     if loss_curve(result.get("loss_curve", []), out / "loss.png", result):
         files["loss"] = "loss.png"
+    if loss_bins_curve(result.get("loss_bins") or {}, out / "loss_t.png"):
+        files["loss_bins"] = "loss_t.png"
+    if effects_curve(result.get("effects"), out / "effects.png"):
+        files["effects"] = "effects.png"
     bl = blocks(result, files, history, final)
     (out / "report.md").write_text(to_markdown(bl))
     (out / "report.html").write_text(to_html(bl, out))

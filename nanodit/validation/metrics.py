@@ -1,14 +1,8 @@
-"""Numbers for the GO / NO-GO decision: image metrics, LPIPS loading, the loss criterion, the decision.
+"""The numbers validation computes: image metrics (PSNR, SSIM, LPIPS with a local backbone), the training
+loss ratio from the run log, pass rates and their Wilson intervals.
 
-Everything here is a pure function of its inputs (no model, no files except the LPIPS backbone), so the
-decision logic is testable on its own:
-
-    crit = [criterion("lpips", 0.12, 0.2, "<", "reconstruction LPIPS"), not_computed("dino_swap", ...)]
-    decide(crit)   # {"decision": "NO-GO", "failed": [], "not_computed": ["dino_swap"]}
-
-Images are (B, 3, H, W) float tensors in [0, 1]. A criterion is a plain dict (it goes to scores.json as is):
-name, description, value, threshold, op ("<" or ">="), computed, pass, and for a criterion that cannot be
-computed "why" and "how to provide".
+Everything here is a pure function of its inputs (no model, no files except the LPIPS backbone and the
+run's metrics.jsonl). Images are (B, 3, H, W) float tensors in [0, 1].
 """
 
 from __future__ import annotations
@@ -162,6 +156,26 @@ def read_loss_log(path: str | Path) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def read_loss_bins(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """The per-t-bin training losses of ``metrics.jsonl`` (keys ``loss_t0.0`` .. ``loss_t0.9``: the mean loss of
+    the samples whose t fell in [0.0, 0.1) .. [0.9, 1.0) since the last log row), as {bin: [(step, loss)]}."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    by_bin: dict[str, dict[int, float]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or "step" not in row:
+            continue
+        for k, v in row.items():
+            if k.startswith("loss_t") and isinstance(v, (int, float)):
+                by_bin.setdefault(k[len("loss_") :], {})[int(row["step"])] = float(v)
+    return {b: sorted(d.items()) for b, d in sorted(by_bin.items())}
+
+
 def loss_ratio(losses: list[float], window: int) -> dict:
     """Final / initial training loss, each the mean of ``window`` logged points (fewer when the log is
     shorter than 2 windows: then each half of the log). Needs at least 2 finite points."""
@@ -175,52 +189,24 @@ def loss_ratio(losses: list[float], window: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# criteria and the decision
+# pass rates and their intervals
 
-
-def criterion(name: str, value: float, threshold: float, op: str, description: str, **extra) -> dict:
-    """A computed criterion: passes when ``value op threshold`` (op is "<" or ">=")."""
-    if op not in ("<", ">="):
-        raise ValueError(f"criterion {name}: op={op!r} is not '<' or '>='")
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"criterion {name}: value={value!r} is not a finite number (use not_computed)")
-    ok = value < threshold if op == "<" else value >= threshold
-    return {
-        "name": name,
-        "description": description,
-        "value": float(value),
-        "threshold": float(threshold),
-        "op": op,
-        "computed": True,
-        "pass": bool(ok),
-        **extra,
-    }
-
-
-def not_computed(name: str, threshold: float, op: str, description: str, why: str, how: str, **extra) -> dict:
-    """A criterion that could not be computed: no value, no pass; it says why and how to provide what is missing."""
-    return {
-        "name": name,
-        "description": description,
-        "value": None,
-        "threshold": float(threshold),
-        "op": op,
-        "computed": False,
-        "pass": None,
-        "why": why,
-        "how to provide": how,
-        **extra,
-    }
-
-
-def decide(criteria: list[dict]) -> dict:
-    """GO only if there is at least one criterion and every criterion is computed and passes."""
-    failed = [c["name"] for c in criteria if c["computed"] and not c["pass"]]
-    missing = [c["name"] for c in criteria if not c["computed"]]
-    go = bool(criteria) and not failed and not missing
-    return {"decision": "GO" if go else "NO-GO", "failed": failed, "not_computed": missing}
+WILSON_Z = 1.959964  # two-sided 95%
 
 
 def rate(flags: list[bool]) -> float | None:
     """Share of True in ``flags``; None for an empty list (nothing was tested)."""
     return sum(bool(f) for f in flags) / len(flags) if flags else None
+
+
+def wilson(k: int, n: int, z: float = WILSON_Z) -> tuple[float, float] | None:
+    """The Wilson score interval of a pass rate k/n (95% by default); None when n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or k = n: 5/5 gives
+    (0.57, 1.0), i.e. five samples cannot show that a rate is above 0.6."""
+    if n <= 0:
+        return None
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
