@@ -106,7 +106,7 @@ class TrainConfig:
 class ValConfig:
     every: int = 1000  # 0: only at the end
     at_end: bool = True
-    samples: int = 5  # per test
+    samples: int = 32  # per test (5/5 has a 95% Wilson interval of 0.57-1: it cannot show a rate > 0.6)
     steps: int = 50  # Euler steps
     guidance_dino: float = 1.0  # s_d
     guidance_text: float = 1.0  # s_t
@@ -261,14 +261,16 @@ def _one_line(err: OmegaConfBaseException) -> str:
 
 
 def resolve_config_path(name: str) -> Path:
-    """A file path, or the name of a bundled config (nano, smoke, production)."""
+    """A file path, or the name of a bundled config (nano, nano-plan, smoke, production)."""
     p = Path(name)
     if p.is_file():
         return p
     bundled = CONFIG_DIR / f"{name}.yaml"
     if bundled.is_file():
         return bundled
-    raise ConfigError(f"config: --config {name!r}: no such file (bundled: nano, smoke, production)")
+    raise ConfigError(
+        f"config: --config {name!r}: no such file (bundled: nano, nano-plan, smoke, production)"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

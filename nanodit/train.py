@@ -309,8 +309,10 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
         vmodel = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(validator.device)
         ema.copy_to(vmodel)
         vmodel.eval().requires_grad_(False)
+        ckpt = run_dir / "checkpoints" / f"ckpt-{step:08d}.pt"  # the weights judged, when saved at this step
+        extra = {"checkpoint": str(ckpt)} if ckpt.is_file() else None
         result = validator.run(
-            vmodel, step, step_dir, run_dir, metrics, self_test=final and cfg.val.self_test
+            vmodel, step, step_dir, run_dir, metrics, self_test=final and cfg.val.self_test, extra=extra
         )
         del vmodel
         path = write_final(run_dir, step_dir, result) if final else step_dir

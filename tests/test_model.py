@@ -9,6 +9,17 @@ from nanodit.config import load_config
 from nanodit.model import SIZES, NanoDiT, build_model, sincos_2d
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test draws its inputs and weights from a fixed seed."""
+    torch.manual_seed(0)
+
+
+# fp32 tolerance for results that differ only in the summation order over the key axis (a longer, masked
+# T5 sequence): 64 ulp of the output's largest value; over 30 seeds the worst case was 16 ulp
+ORDER_TOL = 64 * torch.finfo(torch.float32).eps
+
+
 def tiny(**kw) -> NanoDiT:
     return NanoDiT(depth=2, width=64, heads=2, dino_dim=24, t5_dim=40, attention="math", **kw)
 
@@ -55,7 +66,7 @@ def test_padded_t5_positions_change_nothing():
     t5b = t5.clone()
     t5b[~mask] = torch.randn(int((~mask).sum()), 40) * 100
     v2 = model(x, t, dino, t5b, mask)
-    torch.testing.assert_close(v1, v2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(v1, v2, rtol=0, atol=ORDER_TOL * float(v1.abs().max()))
     # ...while a valid position does change the output (the test has power)
     t5c = t5.clone()
     t5c[0, 0] += 1.0
@@ -69,7 +80,9 @@ def test_padding_length_changes_nothing():
     v1 = model(x, t, dino, t5, mask)
     t5p = torch.cat([t5, torch.randn(3, 5, 40)], 1)
     maskp = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], 1)
-    torch.testing.assert_close(model(x, t, dino, t5p, maskp), v1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model(x, t, dino, t5p, maskp), v1, rtol=0, atol=ORDER_TOL * float(v1.abs().max())
+    )
 
 
 def test_dropped_conditions_use_the_learned_nulls():

@@ -180,3 +180,47 @@ def test_log_metrics_scalars_images_and_text(tmp_path) -> None:
     shape, _, fmt = m.tb.images["val/recon"]
     assert fmt == "HWC" and shape == np.asarray(Image.open(out / "recon.png").convert("RGB")).shape
     assert "NO-GO" in m.tb.texts["val/decision"]
+
+
+def test_report_explains_itself(tmp_path) -> None:
+    """Diagnoses and loud warnings come first, then the criteria with intervals, the self-test table, the run's
+    identity and the per-t plots; verdicts are coloured in the HTML; decision_lines prints the decision once."""
+    res = fake_result(lpips_value=None)
+    res["criteria"]["dino_swap"].update(
+        passed=13, n=32, ci95=[0.25, 0.58], diagnosis="DINO swap 13/32 passed"
+    )
+    res["warnings"] = ["the caption has no effect on the prediction"]
+    res["plumbing_only"] = True
+    res["identity"] = {"commit": "abc1234", "t_shift": 7.389}
+    res["effects"] = {"t": [0.05, 0.95], "caption": [0.0, 0.0], "dino": [0.3, 0.1], "samples": 4}
+    res["loss_bins"] = {"t0.0": [(10, 1.0), (20, 0.5)], "t0.9": [(10, 2.0), (20, 1.5)]}
+    res["self_test"] = {
+        "power": True,
+        "faults": {
+            "zero_cross": {
+                "fault": "zero_cross",
+                "what": "cut",
+                "target": "text_manip",
+                "target_value": 0.0,
+                "caught": True,
+                "intact_pass": True,
+                "decision": "NO-GO",
+            }
+        },
+    }
+    out = report.write_report(tmp_path / "r", res, images())
+    assert {"loss_t.png", "effects.png"} <= {p.name for p in out.glob("*.png")}
+    md = (out / "report.md").read_text()
+    head = md.split("| criterion |")[0]
+    assert "dino_swap: DINO swap 13/32 passed" in head and "**WARNING: the caption has no effect" in head
+    assert "smoke run" in head and "1/1 planted faults" in head
+    assert "13/32, 95% CI 0.25-0.58" in md and "| zero_cross | cut | text_manip | 0 | caught | NO-GO |" in md
+    assert "| commit | abc1234 |" in md and "| t_shift | 7.389 |" in md
+    page = (out / "report.html").read_text()
+    assert '<td style="color:#cf222e;font-weight:bold">FAIL</td>' in page
+    assert '<td style="color:#1a7f37;font-weight:bold">caught</td>' in page
+    assert '<h1 style="color:#cf222e;font-weight:bold">' in page  # NO-GO in red
+    lines = report.decision_lines(res, out)
+    assert lines[0] == f"decision: NO-GO  (report: {out / 'report.html'})"
+    assert sum(x.startswith("decision:") for x in lines) == 1
+    assert "  dino_swap: DINO swap 13/32 passed" in lines and any("WARNING" in x for x in lines)

@@ -182,3 +182,82 @@ def test_scores_json_clean_has_no_nan() -> None:
     out = clean({"a": float("nan"), "b": [np.float32(1.5), float("inf")], "c": (1, True)})
     assert out == {"a": None, "b": [1.5, None], "c": [1, True]}
     json.dumps(out, allow_nan=False)
+
+
+def _tools(lpips: bool = False, decoder: bool = True):
+    from nanodit.validation.tools import Tools
+
+    return Tools(
+        object() if decoder else None,
+        {"kind": "shapes codec"} if decoder else {"why": "no VAE", "how": "set val.vae"},
+        object() if lpips else None,
+        {"net": "alex"} if lpips else {"why": "no backbone", "how": "put it there"},
+    )
+
+
+def _numbers(recon=(20, 32), swap=(10, 32), manip=(3, 32), psnr=24.0) -> dict:
+    return {
+        "recon_samples": 32,
+        "dino_swap_samples": 32,
+        "text_manip_samples": 32,
+        "psnr": psnr,
+        "lpips": None,
+        "counts": {
+            "recon_scorer": list(recon),
+            "recon_objects": list(recon),
+            "recon_lighting": [32, 32],
+            "dino_swap": list(swap),
+            "dino_swap_lighting_follows_b": [30, 32],
+            "dino_swap_objects_follow_a": list(swap),
+            "text_manip": list(manip),
+        },
+    }
+
+
+def test_criteria_diagnose_each_failure_in_numbers() -> None:
+    """A failed criterion carries one sentence with its counts, interval and the numbers behind it (per-t loss,
+    how much the condition moves the prediction); a caption with no effect is said in capitals."""
+    from nanodit.config import ValConfig
+
+    effects = {"t": [0.05, 0.5, 0.95], "caption": [0.001, 0.002, 0.003], "dino": [0.3, 0.05, 0.12]}
+    bins = {"t0.5": [(5000, 0.006)], "t0.9": [(5000, 0.25)]}
+    loss = {"value": 0.02, "initial": 2.0, "final": 0.04, "window": 5, "points": 500}
+    crit = {
+        c["name"]: c
+        for c in criteria.build_criteria(_numbers(), ValConfig(), loss, True, _tools(), effects, bins)
+    }
+    assert list(crit) == ["loss_ratio", "lpips", "recon_scorer", "psnr", "dino_swap", "text_manip"]
+    assert crit["lpips"]["required"] is False and "diagnosis" not in crit["lpips"]  # shapes: optional
+    assert crit["loss_ratio"]["pass"] and "diagnosis" not in crit["loss_ratio"]
+    assert crit["recon_scorer"]["pass"] is True  # 20/32 = 0.625 >= 0.6
+    d = crit["text_manip"]["diagnosis"]
+    assert "3/32 passed" in d and "95% CI 3%-24%" in d and "NO EFFECT" in d and "0.30%" in d
+    d = crit["dino_swap"]["diagnosis"]
+    assert "10/32" in d and "lighting followed B's DINO in 30/32" in d and "at most 30.0% (t = 0.05)" in d
+    assert criteria.decide(list(crit.values()))["decision"] == "NO-GO"
+    assert criteria.warnings_for(effects) == [
+        "the caption has no effect on the prediction: at every t it moves v by at most 0.30% "
+        "(||v(cond) - v(no caption)|| / ||v||)"
+    ]
+    low = {
+        c["name"]: c
+        for c in criteria.build_criteria(
+            _numbers(recon=(2, 32)), ValConfig(), loss, True, _tools(), None, bins
+        )
+    }
+    assert "objects right in 2/32, lighting right in 32/32" in low["recon_scorer"]["diagnosis"]
+    assert "0.25 at t in [0.9, 1)" in low["recon_scorer"]["diagnosis"]
+
+
+def test_real_data_needs_lpips_and_says_what_to_provide() -> None:
+    """On real data LPIPS is required: without its backbone the decision is INCOMPLETE, with its how-to."""
+    from nanodit.config import ValConfig
+
+    num = _numbers()
+    num["counts"] = {"dino_swap": [30, 32], "text_manip": [30, 32]}
+    loss = {"value": 0.02, "initial": 2.0, "final": 0.04, "window": 5, "points": 500}
+    crit = criteria.build_criteria(num, ValConfig(), loss, False, _tools(), None, None)
+    by = {c["name"]: c for c in crit}
+    assert "recon_scorer" not in by and by["lpips"]["required"] is True
+    assert by["lpips"]["diagnosis"] == "not computed: no backbone (put it there)"
+    assert criteria.decide(crit) == {"decision": "INCOMPLETE", "failed": [], "not_computed": ["lpips"]}

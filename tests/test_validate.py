@@ -1,16 +1,16 @@
-"""Validation: it must be able to say NO.
+"""Validation: it must be able to say NO, and show on every run that it can.
 
 Fast tests use an oracle "model" whose Euler path lands exactly on a chosen target (v = (x - target) / t),
 so the tests know the right answer: the intact oracle passes every test and reaches GO; an oracle that
 ignores the caption fails text manipulation, one with a constant DINO fails the DINO swap; an untrained
-NanoDiT fails reconstruction. Real-data paths run on random shards with a tiny random AutoencoderKL
-saved to and loaded from a tmp folder (nothing is downloaded). The hook and the CLI run on smoke runs.
-Mutations of a real NanoDiT (cross-attention output zeroed, DINO input constant) make its outputs blind to
-the caption / the DINO, and then it cannot pass both reconstruction and the matching test.
+NanoDiT fails reconstruction. An oracle routed through stand-ins of NanoDiT's two conditioning paths gives
+the self-test known answers: each planted fault fails its target, and where the faults cannot reach the
+paths a GO becomes INCOMPLETE. Real-data paths run on random shards with a tiny random AutoencoderKL saved
+to and loaded from a tmp folder (nothing is downloaded). The trainer's validation and the CLI run on smoke
+runs. The self-test's faults on a real NanoDiT make its outputs blind to the caption / the DINO.
 
-A model trained far enough to pass the scorers needs a GPU: on this project's 2-core CPU a small model
-(4 layers, width 128) on 8 shapes samples learns the lighting in 1500 steps (90 s) but no object even after
-3000 steps (200 s). The GPU tests (marked gpu and slow) train one in about 2 minutes on an H200.
+A model trained far enough to pass the scorers needs a GPU: the GPU test (marked gpu and slow) trains the
+default ``--config nano`` recipe, 5k steps (minutes on an H200), and expects GO with every fault caught.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from nanodit.data.synth import Scene, ShapesCodec, flip_scene, make_dataset, ren
 from nanodit.validation import TESTS, read_val_samples, run_validation, select_cases
 from nanodit.validation.cli import main
 from nanodit.validation.metrics import load_lpips
+from nanodit.validation.report import decision_lines
 from nanodit.validation.sampling import case_noise, generate
 from nanodit.validation.selftest import planted
 from nanodit.validation.tools import Tools, load_decoder, load_tools
@@ -224,6 +225,122 @@ def test_untrained_model_fails_reconstruction(shapes, tmp_path) -> None:
     assert res["numbers"]["psnr"] < 15 and res["decision"] == "NO-GO"
     assert res["criteria"]["lpips"]["computed"] is False  # no backbone here: said, not guessed
     assert "val.lpips_weights" in res["criteria"]["lpips"]["how to provide"]
+
+
+class PathOracle(Oracle):
+    """The shapes oracle routed through stand-ins of NanoDiT's two conditioning paths, so the self-test's
+    hooks act on it as on the real model: the DINO goes through ``dino_embed`` (const_dino replaces its
+    input), the caption through ``blocks[0].cross`` (zero_cross zeroes its output). A caption that arrives as
+    zeros leaves the objects to the DINO's own sample; an unknown DINO gives the lighting of a fixed sample.
+    ``routed=False``: the same parts exist but the forward bypasses them (hooks then change nothing)."""
+
+    def __init__(self, groups, routed: bool = True):
+        super().__init__(None)
+        self.dino_embed = torch.nn.Identity()
+        self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        self.blocks[0].cross = torch.nn.Identity()
+        self.routed = routed
+        self.light, self.objects, self.own, self.fixed = {}, {}, {}, None
+        for g in groups.values():
+            for smp in g:
+                scene = Scene.from_json(smp.meta["scene"])
+                self.fixed = self.fixed or scene
+                for sc, dino, t5 in (
+                    (scene, smp.dino, smp.t5),
+                    (flip_scene(scene), smp.dino_flip, smp.t5_flip),
+                ):
+                    self.light[_key(dino)], self.objects[_key(t5)], self.own[_key(dino)] = sc, sc.objects, sc
+
+    def forward(self, x, t, dino, t5, t5_mask, drop_dino=None, drop_text=None):
+        self.batches.append(x.shape[0])
+        d = self.dino_embed(dino) if self.routed else dino  # (B, Dd)
+        y = self.blocks[0].cross(t5) if self.routed else t5  # (B, L, Dt)
+        codec, targets = ShapesCodec(), []
+        for i in range(x.shape[0]):
+            dk, y_i = _key(d[i]), y[i, : int(t5_mask[i].sum())]
+            lit = self.light.get(dk, self.fixed)
+            if bool((y_i == 0).all()):  # the caption path is cut
+                objs = self.own.get(dk, self.fixed).objects
+            else:
+                objs = self.objects[_key(y_i)]
+            img = render(dataclasses.replace(lit, objects=objs), 2 * x.shape[2], 2 * x.shape[3])
+            targets.append(codec.encode(img[None])[0])
+        return (x - torch.stack(targets).to(x)) / t.view(-1, 1, 1, 1)
+
+
+def test_self_test_catches_every_planted_fault_on_a_sound_model(shapes, tmp_path) -> None:
+    """The self-test on a model whose paths the faults can reach: intact GO; cutting the caption fails text
+    manipulation, a constant DINO fails the DINO swap, untrained weights fail reconstruction -> power, GO."""
+    _, manifest, groups = shapes
+    write_losses(tmp_path)
+    res = run_validation(
+        PathOracle(groups), manifest, groups, val_cfg(), tmp_path, 100, tmp_path / "out", self_test=True
+    )
+    assert res["decision"] == "GO", res["criteria"]
+    st = res["self_test"]
+    assert st["power"] is True and set(st["faults"]) == {"zero_cross", "const_dino", "untrained"}
+    f = st["faults"]
+    assert (
+        f["zero_cross"]["target"] == "text_manip"
+        and f["zero_cross"]["caught"]
+        and f["zero_cross"]["intact_pass"]
+    )
+    assert (
+        f["zero_cross"]["criteria"]["text_manip"]["value"] == 0.0
+    )  # objects stay where the DINO's sample had them
+    assert f["const_dino"]["target"] == "dino_swap" and f["const_dino"]["caught"]
+    assert f["const_dino"]["criteria"]["text_manip"]["pass"] is True  # the caption path still works
+    assert (
+        f["untrained"]["target"] == "recon_scorer"
+        and f["untrained"]["criteria"]["recon_scorer"]["value"] == 0.0
+    )
+    assert all(e["decision"] == "NO-GO" for e in f.values())
+    assert f["zero_cross"]["moved"]["text_manip"] == -1.0  # 1.0 intact -> 0.0 with the fault
+    saved = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert saved["self_test"]["power"] is True
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Self-test: planted faults" in md and "| zero_cross |" in md and "3/3 planted faults" in md
+
+
+def test_a_go_whose_self_test_misses_a_fault_is_incomplete(shapes, tmp_path) -> None:
+    """When the faults cannot reach the paths (the model bypasses the hooked parts), zero_cross and const_dino
+    leave their tests passing: the tests have shown no power on this run, so the GO becomes INCOMPLETE."""
+    _, manifest, groups = shapes
+    write_losses(tmp_path)
+    blind = PathOracle(groups, routed=False)
+    res = run_validation(blind, manifest, groups, val_cfg(), tmp_path, 100, tmp_path / "out", self_test=True)
+    st = res["self_test"]
+    assert st["power"] is False
+    assert st["faults"]["zero_cross"]["caught"] is False and st["faults"]["const_dino"]["caught"] is False
+    assert st["faults"]["untrained"]["caught"] is True
+    assert res["failed"] == [] and res["decision"] == "INCOMPLETE"
+    assert res["no_power"] == ["zero_cross", "const_dino"]
+    lines = decision_lines(res, tmp_path / "out")
+    assert lines[0].startswith("decision: INCOMPLETE") and any(
+        "did not fail their target" in x for x in lines
+    )
+
+
+def test_condition_effect_is_zero_for_a_cut_path_and_positive_otherwise(shapes) -> None:
+    """||v(D,T) - v(D,null)|| / ||v||: exactly 0 at every t when the cross-attention output is zeroed (the
+    caption cannot matter), > 0 for a model whose caption path carries weights; the DINO effect is untouched."""
+    from nanodit.model import build_model
+    from nanodit.validation.sampling import EFFECT_T, condition_effect
+
+    _, manifest, groups = shapes
+    cfg = val_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).eval()
+    for p in model.parameters():  # leave the zero init: every path must carry signal
+        p.data.normal_(0, 0.05)
+    cases = select_cases(groups, 4, True, cfg.val.seed)
+    e = condition_effect(model, cases, cfg.val.seed)
+    assert e["t"] == list(EFFECT_T) and e["samples"] == 4
+    assert min(e["caption"]) > 0.01 and min(e["dino"]) > 0.01
+    with planted(model, "zero_cross"):
+        cut = condition_effect(model, cases, cfg.val.seed)
+    assert cut["caption"] == [0.0] * 10
+    assert cut["dino"] != [0.0] * 10
 
 
 def test_loss_criterion_from_the_run_log(shapes, tmp_path) -> None:
@@ -466,6 +583,26 @@ def test_cli_writes_the_report(smoke_run, capsys) -> None:
         == 0
     )
     assert json.loads((out / "scores.json").read_text())["step"] == 10
+
+
+def test_cli_self_test_and_the_last_lines(smoke_run, capsys) -> None:
+    """--self-test adds the planted faults to scores.json; the last printed lines give the decision once,
+    each failed criterion's diagnosis, the self-test verdict, and that a smoke run checks only the plumbing."""
+    run_dir, _ = smoke_run
+    out = run_dir / "cli-self-test"
+    assert main(["--run", str(run_dir), "--out", str(out), "--self-test", "val.samples=2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    s = json.loads((out / "scores.json").read_text())
+    assert set(s["self_test"]["faults"]) == {"zero_cross", "const_dino", "untrained"}
+    tail = printed[-(len(printed) - next(i for i, x in enumerate(printed) if x.startswith("decision:"))) :]
+    assert (
+        tail[0].startswith(f"decision: {s['decision']}")
+        and sum(x.startswith("decision:") for x in printed) == 1
+    )
+    for name in s["failed"]:
+        assert any(x.startswith(f"  {name}: ") for x in tail), name
+    assert any(x.startswith("  self-test: ") for x in tail)
+    assert tail[-1].startswith("  note: this is a smoke run")
 
 
 @pytest.mark.parametrize(
