@@ -70,6 +70,25 @@ def training_loss(
     return per_sample.mean(), {"bin_sum": bin_sum, "bin_count": bin_count}
 
 
+def conditioned_passes(
+    model: Callable, x: torch.Tensor, t: torch.Tensor, dino, t5, t5_mask, drops: tuple[tuple[bool, bool], ...]
+) -> tuple[torch.Tensor, ...]:
+    """The velocity of the same inputs under several conditionings, in ONE batched forward.
+    ``drops[i] = (drop_dino, drop_text)``; returns one fp32 (B, C, H, W) velocity per entry, in order."""
+    B, k = x.shape[0], len(drops)
+    flags = torch.tensor(drops, dtype=torch.bool, device=x.device)  # (k, 2)
+    v = model(
+        x.repeat(k, 1, 1, 1),
+        t.repeat(k),
+        dino.repeat(k, 1),
+        t5.repeat(k, 1, 1),
+        t5_mask.repeat(k, 1),
+        flags[:, 0].repeat_interleave(B),  # (kB,)
+        flags[:, 1].repeat_interleave(B),
+    )  # (kB, C, H, W)
+    return v.float().chunk(k)
+
+
 def guided_velocity(
     model: Callable,
     x: torch.Tensor,
@@ -81,25 +100,11 @@ def guided_velocity(
     s_text: float = 1.0,
 ) -> torch.Tensor:
     """Dual-guidance velocity; the needed passes run as one batch."""
-    B = x.shape[0]
     if s_dino == 1.0 and s_text == 1.0:
         return model(x, t, dino, t5, t5_mask)
-    ones, zeros = (
-        torch.ones(B, dtype=torch.bool, device=x.device),
-        torch.zeros(B, dtype=torch.bool, device=x.device),
-    )
-    drop_dino = torch.cat([ones, zeros, zeros])  # (3B,): (0,0), (d,0), (d,t)
-    drop_text = torch.cat([ones, ones, zeros])  # (3B,)
-    v = model(
-        x.repeat(3, 1, 1, 1),
-        t.repeat(3),
-        dino.repeat(3, 1),
-        t5.repeat(3, 1, 1),
-        t5_mask.repeat(3, 1),
-        drop_dino,
-        drop_text,
-    )  # (3B, C, H, W)
-    v00, vd0, vdt = v.float().chunk(3)  # 3 x (B, C, H, W)
+    v00, vd0, vdt = conditioned_passes(
+        model, x, t, dino, t5, t5_mask, ((True, True), (False, True), (False, False))
+    )  # 3 x (B, C, H, W): (0,0), (d,0), (d,t)
     return v00 + s_dino * (vd0 - v00) + s_text * (vdt - vd0)
 
 

@@ -128,6 +128,16 @@ def _figure(width: float = 7, height: float = 3.5):
     return fig, fig.add_subplot(1, 1, 1)
 
 
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, **legend) -> bool:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(**{"fontsize": 8, **legend})
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
 def loss_curve(points: list[list[float]], path: Path, result: dict) -> bool:
     """Training loss vs step (log scale) with the initial and final windows of the criterion; False when
     there is nothing to draw."""
@@ -143,13 +153,7 @@ def loss_curve(points: list[list[float]], path: Path, result: dict) -> bool:
         ax.axhline(c["initial"] * c["threshold"], color="red", ls=":", lw=1, label="GO needs final below")
     if min(losses) > 0:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
+    return _save(fig, ax, path, "step", "loss")
 
 
 def loss_bins_curve(bins: dict[str, list[tuple[int, float]]], path: Path) -> bool:
@@ -167,13 +171,7 @@ def loss_bins_curve(bins: dict[str, list[tuple[int, float]]], path: Path) -> boo
             steps, vals, lw=1, color=cmap(i / max(1, len(bins) - 1)), label=f"t in [{lo:.1f}, {lo + 0.1:.1f})"
         )
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss in the t bin")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
+    return _save(fig, ax, path, "step", "training loss in the t bin", fontsize=7, ncol=2)
 
 
 def effects_curve(effects: dict | None, path: Path) -> bool:
@@ -184,13 +182,7 @@ def effects_curve(effects: dict | None, path: Path) -> bool:
     ax.plot(effects["t"], effects["caption"], "o-", label="caption: ||v(D,T) - v(D,null)|| / ||v||")
     ax.plot(effects["t"], effects["dino"], "s-", label="DINO: ||v(D,T) - v(null,T)|| / ||v||")
     ax.axhline(NO_EFFECT, color="red", ls=":", lw=1, label=f"no effect below {NO_EFFECT:.0%}")
-    ax.set_xlabel("t (1 = noise)")
-    ax.set_ylabel("relative change of v")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
+    return _save(fig, ax, path, "t (1 = noise)", "relative change of v")
 
 
 # ---------------------------------------------------------------------------------------------

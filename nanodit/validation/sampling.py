@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nanodit.config import ValConfig
-from nanodit.flow import interpolate, sample_euler
+from nanodit.flow import conditioned_passes, interpolate, sample_euler
 from nanodit.validation.cases import Case
 
 # t at the centres of the 10 loss bins the trainer logs ([0, 0.1) ... [0.9, 1))
@@ -100,24 +100,14 @@ def condition_effect(
         dino, t5, mask = _conditions(recon, idx, device)
         x0 = torch.stack([torch.from_numpy(recon[i].a.latent.astype(np.float32)) for i in idx]).to(device)
         eps = torch.stack([case_noise(recon[i].a, seed) for i in idx]).to(device)  # (B, C, h, w)
-        ones = torch.ones(B, dtype=torch.bool, device=device)
-        zeros = ~ones
-        drop_dino = torch.cat([zeros, zeros, ones])  # (3B,): (d, t), (d, null), (null, t)
-        drop_text = torch.cat([zeros, ones, zeros])
         for k, t_val in enumerate(ts):
             t = torch.full((B,), t_val, device=device)
             x_t = interpolate(x0, eps, t)  # (B, C, h, w)
             with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
-                v = model(
-                    x_t.repeat(3, 1, 1, 1),
-                    t.repeat(3),
-                    dino.repeat(3, 1),
-                    t5.repeat(3, 1, 1),
-                    mask.repeat(3, 1),
-                    drop_dino,
-                    drop_text,
-                )  # (3B, C, h, w)
-            v_dt, v_d0, v_0t = v.float().flatten(1).chunk(3)  # 3 x (B, C*h*w)
+                v_dt, v_d0, v_0t = conditioned_passes(
+                    model, x_t, t, dino, t5, mask, ((False, False), (False, True), (True, False))
+                )  # 3 x (B, C, h, w): (d, t), (d, null), (null, t)
+            v_dt, v_d0, v_0t = (v.flatten(1) for v in (v_dt, v_d0, v_0t))  # 3 x (B, C*h*w)
             norm = v_dt.norm(dim=1).clamp_min(1e-12)  # (B,)
             sums["caption"][k] += float(((v_dt - v_d0).norm(dim=1) / norm).sum())
             sums["dino"][k] += float(((v_dt - v_0t).norm(dim=1) / norm).sum())
