@@ -41,8 +41,29 @@ class ModelConfig:
 
 
 @dataclass
+class KeysConfig:
+    """The tar member extension of each sample key (nanodit/data/schema.py): shards whose members are named
+    otherwise are read without rewriting, e.g. ``data.keys.latent=vae_latent.npy data.keys.txt=caption.txt``."""
+
+    latent: str = "latent.npy"
+    latent_flip: str = "latent_flip.npy"
+    dino: str = "dino.npy"
+    dino_flip: str = "dino_flip.npy"
+    t5: str = "t5.npy"
+    t5_flip: str = "t5_flip.npy"
+    t5_mask: str = "t5_mask.npy"
+    t5_flip_mask: str = "t5_flip_mask.npy"
+    txt: str = "txt"
+    flip_txt: str = "flip.txt"
+    json: str = "json"
+
+
+@dataclass
 class DataConfig:
-    path: str | None = None  # shard folder; None: the built-in synthetic "shapes" set in cache_dir
+    # shards: a folder (this project's manifest, another producer's, one folder per bucket, or flat), a glob
+    # ("data/*.tar"), a brace pattern ("shard-{0000..0099}.tar") or a comma-separated list of tars (the
+    # layouts: nanodit/data/layout.py); None: the built-in synthetic "shapes" set in cache_dir
+    path: str | None = None
     cache_dir: str = ".cache/nanodit"
     synth_samples: int = 100
     synth_seed: int = 0
@@ -53,8 +74,12 @@ class DataConfig:
     shuffle: bool = True
     last_batch: str = "partial"  # partial | drop: what happens to a bucket's remainder each epoch
     t5_pad_multiple: int = 8  # pad T5 to the batch's longest caption rounded up to this
-    t5_max_len: int | None = None  # None: from the manifest; longer captions are an error
-    on_error: str = "raise"  # raise | skip: a sample that breaks the schema
+    t5_max_len: int | None = None  # None: the manifest's, else 512 (T5's own); longer captions are an error
+    on_error: str = "raise"  # raise | skip: a sample that breaks the schema (skips are counted by reason)
+    # auto: every sample's arrays are read at start (NaN/Inf) unless a stamp written by
+    # `python -m nanodit.data check` vouches for exactly these files; full: always read them
+    check: str = "auto"
+    keys: KeysConfig = field(default_factory=KeysConfig)
     num_workers: int = 2  # webdataset loader workers; DALI threads per bucket pipeline
     prefetch: int = 4  # batches read ahead per webdataset worker / per DALI pipeline
     rank: int | None = None  # this process's share of the data; None: torch.distributed's rank, else 0
@@ -149,6 +174,7 @@ CHOICES = {
     "data.loader": ("auto", "gpu-cache", "dali", "webdataset"),
     "data.last_batch": ("partial", "drop"),
     "data.on_error": ("raise", "skip"),
+    "data.check": ("auto", "full"),
     "train.precision": ("fp32", "tf32", "bf16"),
     "val.vae_dtype": ("fp32", "bf16"),
     "val.lpips_net": ("alex", "vgg", "squeeze"),
@@ -241,6 +267,20 @@ def check(cfg: Config) -> Config:
     if cfg.data.synth_size % (2 * m.patch) or cfg.data.synth_size < 16:
         raise ConfigError(
             f"config: data.synth_size={cfg.data.synth_size} must be >= 16 and a multiple of 2*model.patch"
+        )
+    d = cfg.data
+    if d.t5_max_len is not None and d.t5_max_len <= 0:
+        raise ConfigError(f"config: data.t5_max_len={d.t5_max_len} must be > 0 (or null: the manifest's)")
+    names = dataclasses.asdict(d.keys)
+    for key, ext in names.items():
+        if not ext or any(c.isspace() or c == "/" for c in ext) or ext.startswith("."):
+            raise ConfigError(
+                f"config: data.keys.{key}={ext!r} must be a tar member extension like 'latent.npy'"
+            )
+    dup = [e for e in set(names.values()) if list(names.values()).count(e) > 1]
+    if dup:
+        raise ConfigError(
+            f"config: data.keys: {dup[0]!r} is given for two keys ({', '.join(k for k, e in names.items() if e == dup[0])})"
         )
     if t.resume not in ("none", "auto") and not Path(t.resume).is_file():
         raise ConfigError(f"config: train.resume={t.resume!r} is neither none, auto nor a checkpoint file")
