@@ -119,7 +119,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
-    resume: str = "none"  # none | auto | PATH of a checkpoint
+    resume: str = "none"  # none | auto | PATH of a checkpoint (what may change on resume: nanodit/resume.py)
+    # a step whose loss or gradient norm is not finite is never applied (nanodit/nonfinite.py); at the next
+    # log step, stop: end the run (the state kept in <run>/nonfinite/, apart from the checkpoints) | skip: go on
+    on_nonfinite: str = "stop"
     loss_bins: int = 10  # per-t-bin losses for logging
     # torch.profiler over steps [profile_start, profile_start + profile_steps) -> <run>/profile/ (trace.json,
     # summary.txt: wall vs GPU-busy ms per step, host ms per loop region, top kernels); 0 = off
@@ -175,6 +178,7 @@ CHOICES = {
     "data.last_batch": ("partial", "drop"),
     "data.on_error": ("raise", "skip"),
     "data.check": ("auto", "full"),
+    "train.on_nonfinite": ("stop", "skip"),
     "train.precision": ("fp32", "tf32", "bf16"),
     "val.vae_dtype": ("fp32", "bf16"),
     "val.lpips_net": ("alex", "vgg", "squeeze"),

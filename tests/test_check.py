@@ -174,6 +174,28 @@ def test_webdataset_run_stops_before_step_one_on_a_nan_it_would_draw_later(tmp_p
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken
 
 
+def test_skip_counts_by_reason_in_the_log_metrics_and_summary(tmp_path, capsys):
+    """Two broken samples under data.on_error=skip: the trainer prints the samples it really has and what it
+    skipped by reason; metrics.jsonl's first row and summary.json carry the counts."""
+    root = tmp_path / "data"
+    write_random_shards(root, n=10)
+    rewrite(root / SHARD, "s0000", {"txt": b"\xc3\x28"})
+    rewrite(root / "bucket_6x10" / "shard-00000.tar", "s0001", {"latent.npy": with_nan((16, 6, 10))})
+    run = tmp_path / "run"
+    assert (
+        train_main(smoke(root, run, "data.on_error=skip", "data.loader=webdataset", "data.num_workers=0"))
+        == 0
+    )
+    out = capsys.readouterr().out
+    data_line = next(line for line in out.splitlines() if line.startswith("data: "))
+    assert "(8 samples" in data_line and "skipped 2 of 10 samples (nan_inf: 1, not_utf8: 1)" in data_line
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["data_skipped"] == {"nan_inf": 1, "not_utf8": 1}
+    assert all("data_skipped" not in r for r in rows[1:])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"] == {"samples": 8, "skipped": {"nan_inf": 1, "not_utf8": 1}, "checked": "full"}
+
+
 def test_float32_arrays_pass_the_check_and_gpu_cache_but_not_the_streaming_loaders(tmp_path, capsys):
     root = tmp_path / "data"
     write_random_shards(root, n=8)

@@ -4,6 +4,7 @@ a key map) resolves to the same samples, in both readers, and trains without any
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,24 @@ def producer(tmp_path_factory):
         subprocess.run([sys.executable, str(WRITER), str(root / name), *args], check=True)
         made[name] = root / name
     return made
+
+
+def test_independent_per_bucket_folders_check_and_train_without_edits(producer, tmp_path, capsys):
+    """The done-when case: shards from another producer's script (folders 'bucket-8x8', a manifest naming
+    buckets by folder, no count / dims / T5 length) pass `data check` and train as they are."""
+    data = producer["folders"]
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["buckets"] == {"bucket-8x8": 10, "bucket-6x10": 10} and "count" not in manifest
+    assert data_main(["check", str(data), "--no-progress", "--no-stamp"]) == 0
+    out = capsys.readouterr().out
+    assert "8x8: 10" in out and "6x10: 10" in out and "total: 20 samples passed" in out and "ok:" in out
+    assert train_main(run_cfg(data, tmp_path / "run")) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["data"]["samples"] == 20 and summary["data"]["skipped"] == {}
+    m = load_manifest(data)  # the canonical manifest: what the checkpoint and validation see
+    assert m["count"] == 20 and (m["dino_dim"], m["t5_dim"], m["latent_channels"]) == (24, 40, 16)
+    assert m["vae"]["scale"] == 0.3611 and m["layout"]["kind"] == "manifest"
+    assert m["t5_limit"]["value"] == 512 and "default" in m["t5_limit"]["source"]
 
 
 @pytest.mark.parametrize("layout", ["folders-no-manifest", "flat", "glob", "brace", "list", "padded"])
@@ -160,6 +179,23 @@ def test_project_manifest_still_reads_as_before(tmp_path):
     m = load_manifest(tmp_path)
     assert m["buckets"]["4x4"] == written["buckets"]["4x4"] and m["count"] == 5 and m["t5_max_len"] == 3
     assert resolve(tmp_path).kind == "manifest"
+
+
+def test_manifest_count_that_differs_is_one_line_for_check_and_train(producer, tmp_path, capsys):
+    data = tmp_path / "d"
+    shutil.copytree(producer["folders"], data)
+    m = json.loads((data / "manifest.json").read_text())
+    m["buckets"]["bucket-8x8"] = 11
+    (data / "manifest.json").write_text(json.dumps(m))
+    assert data_main(["check", str(data), "--no-progress"]) == 1
+    problem = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("problem: "))
+    assert "bucket 'bucket-8x8': manifest says 11 samples, shards hold 10" in problem
+    assert train_main(run_cfg(data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {problem.removeprefix('problem: ')}"
+    # under data.on_error=skip it is a warning, and the run goes on with what the shards hold
+    assert train_main(run_cfg(data, tmp_path / "run2", "data.on_error=skip")) == 0
+    assert "warning: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -391,6 +391,9 @@ class WebDatasetLoader(ScheduledLoader):
             pin_memory=cuda and not self.slots,  # slots are page-locked themselves
             prefetch_factor=self.prefetch if workers else None,
             worker_init_fn=_worker_signals,
+            # the workers' base seed is drawn from this, not from the global RNG: restarting the workers
+            # (a resume) must leave the global RNG where the uninterrupted run has it (workers draw nothing)
+            generator=torch.Generator().manual_seed(0),
         )
         self._it, self._owner = iter(dl), os.getpid()  # a forked worker's copy of this loader owns nothing
         if self._ring is not None and cuda:
