@@ -10,11 +10,13 @@ the run folder and as a dict in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -291,10 +293,16 @@ def check(cfg: Config) -> Config:
     return cfg
 
 
+def _printable(text: str) -> str:
+    """Control characters (a newline in a key, say) escaped: an error stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
-    msg = str(err).splitlines()[0]
-    return f"config: {key}: {msg}" if key else f"config: {msg}"
+    # OmegaConf appends "\n    full_key: ...\n    object_type=..."; the key itself may hold a newline
+    msg = re.split(r"\n\s+full_key:", str(err))[0].strip()
+    return _printable(f"config: {key}: {msg}" if key else f"config: {msg}")
 
 
 def resolve_config_path(name: str) -> Path:
@@ -308,26 +316,47 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config: --config {name!r}: no such file (bundled: nano, smoke, production)")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < ``key=value`` overrides, type-checked and range-checked."""
-    schema = OmegaConf.structured(Config)
+def _load_file(p: Path):
     try:
-        layers = [schema]
-        if path is not None:
-            p = resolve_config_path(str(path))
-            try:
-                layers.append(OmegaConf.load(p))
-            except Exception as e:  # yaml errors are multi-line
-                raise ConfigError(f"config: {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        for o in overrides or []:
-            if "=" not in o:
-                raise ConfigError(f"config: override {o!r} is not of the form key=value")
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        layer = OmegaConf.load(p)
+    except Exception as e:  # yaml errors are multi-line
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ConfigError(_printable(f"config: {p}: not valid YAML ({msg})")) from None
+    if not isinstance(layer, DictConfig):  # a list or a scalar at the top
+        raise ConfigError(
+            f"config: {p}: the top level must be a mapping of sections (model:, data:, train:, ...)"
+        )
+    return layer
+
+
+def _load_override(o: str):
+    """One ``key=value`` as its own layer (layers merge in order, as one dotlist would), so that a bad one is
+    named: the value is parsed as YAML and the key as an OmegaConf key path, both of which can fail oddly."""
+    if "=" not in o:
+        raise ConfigError(_printable(f"config: override {o!r} is not of the form key=value"))
+    try:
+        return OmegaConf.from_dotlist([o])
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    except (yaml.YAMLError, IndexError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ConfigError(_printable(f"config: override {o!r}: not a valid key=value ({msg})")) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < ``key=value`` overrides, type-checked and range-checked."""
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        layers.append(_load_file(resolve_config_path(str(path))))
+    layers += [_load_override(o) for o in overrides or []]
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    except TypeError as e:  # OmegaConf: a list or a scalar where the schema has a section
+        raise ConfigError(
+            _printable(f"config: {str(e).splitlines()[0]} (a value where a section belongs?)")
+        ) from None
     return check(cfg)
 
 
