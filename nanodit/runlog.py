@@ -26,7 +26,7 @@ class RunDirError(RuntimeError):
 
 
 def prepare_run_dir(run_dir: Path) -> list[Path]:
-    """Create ``run_dir`` and ``checkpoints/``, prove both writable, remove stale ``*.tmp`` files there
+    """Create ``run_dir`` and ``checkpoints/``, prove both writable, remove stale ``*.tmp`` files in both
     (returned). Raises RunDirError naming the folder."""
     ckpt_dir = run_dir / "checkpoints"
     try:
@@ -39,8 +39,12 @@ def prepare_run_dir(run_dir: Path) -> list[Path]:
         raise RunDirError(
             f"run.dir={run_dir}: cannot write there ({e.strerror or e}: {e.filename or run_dir})"
         ) from None
-    stale = sorted(p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp") and p.is_file())
-    for p in stale:  # a temp file is never a checkpoint: only a completed rename makes one (checkpoint.py)
+    # a temp file is never a checkpoint (only a completed rename makes one, checkpoint.py), nor a config,
+    # summary or metrics file (write_atomic): what a killed run left of one goes
+    stale = sorted(
+        p for d in (ckpt_dir, run_dir) for p in d.iterdir() if p.name.endswith(".tmp") and p.is_file()
+    )
+    for p in stale:
         p.unlink()
     return stale
 

@@ -81,7 +81,7 @@ def _train(cfg: Config, quiet: bool, stop_after: int | None, stop: GracefulStop)
     stale = prepare_run_dir(run_dir)  # before any work: a folder that cannot be written is one line
     if stale:
         say(
-            f"run folder: removed {len(stale)} temp file(s) of an interrupted write in {run_dir / 'checkpoints'}"
+            f"run folder: removed {len(stale)} temp file(s) of an interrupted write ({', '.join(p.name for p in stale)})"
         )
     if cfg.train.resume == "none" and list_checkpoints(run_dir):
         raise TrainError(

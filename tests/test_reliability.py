@@ -145,6 +145,8 @@ def test_signal_finishes_the_step_saves_and_exits_128_plus_signum(tmp_path, cach
     ref = reference(tmp_path, cache, steps, *extra[1:])
     assert_same_state(final(run), final(ref))
     assert loss_rows(run) == loss_rows(ref) and [s for s, _ in loss_rows(run)] == list(range(1, steps + 1))
+    first = [json.loads((r / "summary.json").read_text())["first_logged_loss"] for r in (run, ref)]
+    assert first[0] == first[1] == loss_rows(ref)[0][1]  # the run's first loss, not the resumed process's
 
 
 def test_second_ctrl_c_aborts_at_once(tmp_path, cache):
@@ -276,9 +278,11 @@ def test_stale_temp_files_are_removed_at_start(tmp_path, cache, capsys):
     train(cfg(run, cache, "train.steps=4"), quiet=True, stop_after=2)
     for name in ("ckpt-00000003.pt.tmp", "model.safetensors.tmp"):  # what a kill during a save leaves
         (run / "checkpoints" / name).write_bytes(b"partial")
+    (run / "summary.json.tmp").write_text("{")
     train(cfg(run, cache, "train.steps=4", "train.resume=auto"))
-    assert "removed 2 temp file(s) of an interrupted write" in capsys.readouterr().out
-    assert not list((run / "checkpoints").glob("*.tmp"))
+    out = capsys.readouterr().out
+    assert "removed 3 temp file(s) of an interrupted write (" in out and "ckpt-00000003.pt.tmp" in out
+    assert not list((run / "checkpoints").glob("*.tmp")) and not list(run.glob("*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,9 @@ class FileMembers:
     def __contains__(self, ext: str) -> bool:
         return ext in self.comps
 
+    def __iter__(self):
+        return iter(self.comps)
+
     def size(self, ext: str) -> int:
         return self.comps[ext][1]
 
@@ -162,6 +165,9 @@ class BytesMembers:
     def __contains__(self, ext: str) -> bool:
         return ext in self.raw
 
+    def __iter__(self):
+        return iter(self.raw)
+
     def size(self, ext: str) -> int:
         return len(self.raw[ext])
 
@@ -177,8 +183,7 @@ def check_sample(members, url: str, key: str, listed: set, rules: Rules) -> dict
     (``hdr``), dtype and rows; T5 valid lengths (``len``)."""
     keys = rules.keys
     at = f"{url}: sample {key}"
-    exts = members.comps if isinstance(members, FileMembers) else members.raw
-    has_flip = check_members(exts, keys, at)
+    has_flip = check_members(members, keys, at)
     meta = parse_meta(members.read("json") if "json" in members else None, keys, at)
     sid = sample_id(meta, key)
     heads = {}
@@ -197,28 +202,34 @@ def check_sample(members, url: str, key: str, listed: set, rules: Rules) -> dict
         check_array(f"{name}.npy", dtype, shape, rules.dims, bucket, keys, at, rules.streaming)
         if name.startswith("t5"):
             rec["rows"][int(name == "t5_flip")] = shape[0]
-    rec["len"] = list(rec["rows"])
-    for j, (t5_ext, mask_ext) in enumerate((("t5.npy", "t5_mask.npy"), ("t5_flip.npy", "t5_flip_mask.npy"))):
-        if not rec["rows"][j]:
-            continue
-        if j == 1 and mask_ext not in members:
-            mask_ext = "t5_mask.npy"  # one mask for both variants (padded to the same length)
-        if mask_ext in members:  # padded states + mask: the valid prefix
-            read = lambda o, n, k=mask_ext: members.read(k, o, n)  # noqa: E731
-            mask = read_npy(read, members.size(mask_ext), f"{at}: key {keys.name(mask_ext)!r}")
-            rec["len"][j] = mask_length(mask, rec["rows"][j], mask_ext, t5_ext, keys, at)
-        check_t5_len(rec["len"][j], *rules.limit, t5_ext, keys, at)
+    rec["len"] = _t5_lengths(members, rec["rows"], rules, at)
     rec["txt"] = decode_text(members.read("txt") if "txt" in members else b"", "txt", keys, at)
     flip = members.read("flip.txt") if "flip.txt" in members else None
     rec["flip_txt"] = decode_text(flip, "flip.txt", keys, at)
     if rules.values:
-        for name, array in sample_arrays(members, rec, at).items():
+        for name, array in sample_arrays(members, rec, keys, at).items():
             if not all_finite(array):
                 raise nonfinite(f"{name}.npy", keys, at)
     return rec
 
 
-def sample_arrays(members, rec: dict, at: str) -> dict[str, np.ndarray]:
+def _t5_lengths(members, rows: list[int], rules: Rules, at: str) -> list[int]:
+    """Valid T5 rows of t5 and t5_flip: all of them, or a padded array's mask prefix; within the limit."""
+    lens, keys = list(rows), rules.keys
+    for j, (t5_ext, mask_ext) in enumerate((("t5.npy", "t5_mask.npy"), ("t5_flip.npy", "t5_flip_mask.npy"))):
+        if not rows[j]:
+            continue
+        if j == 1 and mask_ext not in members:
+            mask_ext = "t5_mask.npy"  # one mask for both variants (padded to the same length)
+        if mask_ext in members:
+            read = lambda o, n, k=mask_ext: members.read(k, o, n)  # noqa: E731
+            mask = read_npy(read, members.size(mask_ext), f"{at}: key {keys.name(mask_ext)!r}")
+            lens[j] = mask_length(mask, rows[j], mask_ext, t5_ext, keys, at)
+        check_t5_len(lens[j], *rules.limit, t5_ext, keys, at)
+    return lens
+
+
+def sample_arrays(members, rec: dict, keys: Keys, at: str) -> dict[str, np.ndarray]:
     """The arrays of a checked sample as stored (dtype as stored; T5 cut to its valid rows)."""
     out = {}
     for name, (dtype, shape, hdr) in rec["heads"].items():
@@ -228,7 +239,7 @@ def sample_arrays(members, rec: dict, at: str) -> dict[str, np.ndarray]:
         raw = members.read(f"{name}.npy", hdr, n)
         if len(raw) != n:
             raise ShardError(
-                f"{at}: key {name}.npy: the shard ends inside the array (truncated shard or stale index)",
+                f"{at}: key {keys.name(name + '.npy')!r}: the shard ends inside the array (truncated shard or stale index)",
                 "unreadable",
             )
         out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -157,7 +157,8 @@ def decode_sample(raw: dict, url: str, manifest: dict, listed: set | None = None
     key = str(raw.get("__key__", "?"))
     members = BytesMembers(rules.keys.rename({k: v for k, v in raw.items() if not k.startswith("__")}))
     rec = check_sample(members, url, key, listed or set(), rules)
-    arrays = {k: a.astype(np.float16) for k, a in sample_arrays(members, rec, f"{url}: sample {key}").items()}
+    at = f"{url}: sample {key}"
+    arrays = {k: a.astype(np.float16) for k, a in sample_arrays(members, rec, rules.keys, at).items()}
     return Sample(
         id=rec["id"],
         bucket=rec["bucket"],
