@@ -173,6 +173,54 @@ def test_both_shard_readers_agree_on_anything(samples):
                 assert first is not None and str(e) == str(first)
 
 
+JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=False), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+MANIFESTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "buckets": st.one_of(
+            JSONISH,
+            st.dictionaries(
+                st.sampled_from(["bucket-4x4", "4x4", "bucket-9x9", "nope"]), JSONISH, max_size=2
+            ),
+            st.just({"bucket-4x4": 3}),
+            st.just({"4x4": {"count": 3, "shards": ["bucket-4x4/part-0.tar"]}}),
+        ),
+        "count": JSONISH,
+        "dino_dim": JSONISH,
+        "t5_dim": JSONISH,
+        "latent_channels": JSONISH,
+        "t5_max_len": JSONISH,
+    },
+)
+
+
+@FUZZ
+@given(st.one_of(MANIFESTS, JSONISH))
+def test_any_manifest_resolves_or_is_one_line(manifest):
+    """Three valid samples in bucket-4x4/, beside a manifest.json of any content: either the layout resolves
+    and the index reads it, or a one-line ShardError says what is wrong."""
+    from nanodit.data.layout import resolve
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "bucket-4x4").mkdir()
+        write_tar(root / "bucket-4x4" / "part-0.tar", [valid_sample(L=n) for n in (1, 2, 3)])
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            layout = resolve(root)
+            index = build_index(layout, "skip")
+        except ShardError as e:
+            assert "\n" not in str(e)
+            return
+        assert sum(index.counts.values()) + len(index.skipped) <= 3
+
+
 KEYS = sorted(k for k in __import__("nanodit.resume", fromlist=["_flat"])._flat(to_dict(Config())))
 VALUES = st.one_of(
     st.integers(-(2**40), 2**40).map(str),

@@ -328,22 +328,23 @@ def resolve(spec: str | Path, keys: Keys | None = None, t5_max_len: int | None =
             entry = buckets.setdefault(b, {"count": 0, "shards": []})
             entry["count"] += n
             entry["shards"].append(_rel(tar, root) if kind != "list" else str(tar.absolute()))
-    total = sum(e["count"] for e in buckets.values())
+    total = sum(sum(per_shard[tar].values()) for tar in shards)  # what the tars hold, bucketed or not
     if "count" in stated and stated["count"] != total and not problems:
         problems.append(
             ShardError(
                 f"{root / MANIFEST}: manifest says {stated['count']} samples, shards hold {total}", "count"
             )
         )
-    dims = {k: stated[k] for k in ("latent_channels", "dino_dim", "t5_dim") if stated.get(k)}
+    where = root / MANIFEST
+    dims = {k: _number(stated, k, where) for k in ("latent_channels", "dino_dim", "t5_dim") if stated.get(k)}
     if len(dims) < 3:
         dims = {**_dims_from_data(shards, members, keys), **dims}
     manifest = {
         **stated,
         "format": stated.get("format", FORMAT),
         "count": total,
-        **{k: int(v) for k, v in dims.items()},
-        "t5_max_len": stated.get("t5_max_len"),
+        **dims,
+        "t5_max_len": _number(stated, "t5_max_len", where) if stated.get("t5_max_len") else None,
         "buckets": {f"{h}x{w}": buckets[(h, w)] for h, w in sorted(buckets)},
         "layout": {"kind": kind, "path": spec},
     }
@@ -352,6 +353,13 @@ def resolve(spec: str | Path, keys: Keys | None = None, t5_max_len: int | None =
     if keys.custom():
         manifest["keys"] = keys.custom()
     return Layout(spec, root, kind, manifest, shards, listed, problems, members)
+
+
+def _number(stated: dict, key: str, where: Path) -> int:
+    v = stated[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or not str(v).isdigit() or int(v) <= 0:
+        raise ShardError(f"{where}: {key} {v!r} is not a positive whole number", "manifest")
+    return int(v)
 
 
 def _rel(tar: Path, root: Path) -> str:
