@@ -278,8 +278,9 @@ def _dims_from_data(shards: list[Path], members: dict, keys: Keys) -> dict[str, 
 def resolve(spec: str | Path, keys: Keys | None = None, t5_max_len: int | None = None) -> Layout:
     """Find the shards of ``spec`` and build the canonical manifest (see the module docstring)."""
     spec = str(spec)
-    if keys is None:
-        keys, t5_max_len = _OPTIONS.get(os.path.abspath(spec), (DEFAULT_KEYS, t5_max_len))
+    if keys is None:  # a reader given only the path: read it as the run that registered it does
+        keys, registered_len = _OPTIONS.get(os.path.abspath(spec), (DEFAULT_KEYS, None))
+        t5_max_len = t5_max_len or registered_len
     root, stated = Path(spec), {}
     if root.is_dir():
         if (root / MANIFEST).is_file():
