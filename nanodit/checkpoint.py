@@ -3,6 +3,11 @@
 A checkpoint ``ckpt-<step>.pt`` holds {model, ema, optim, step, rng, loader, config, ...}: the unwrapped,
 uncompiled module's weights and everything needed for a bitwise-exact resume. ``model.safetensors`` and
 ``ema.safetensors`` beside it hold the latest weights for other tools.
+
+A write that fails (a full disk, a vanished mount) removes its temp file and raises a one-line
+``CheckpointError`` naming the newest intact checkpoint; older checkpoints are deleted (``keep``) only after a
+new one is complete. A kill during a write leaves at most a ``*.tmp`` file, never a listed checkpoint; the
+trainer removes such leftovers at start (``runlog.prepare_run_dir``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,29 +50,71 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
         generator.set_state(state["generator"])
 
 
+def first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{err.__class__.__name__}: {lines[0]}" if lines else err.__class__.__name__
+
+
 def _atomic(path: Path, write) -> None:
+    """``write(tmp)``, fsync, rename over ``path``; on any failure the temp file goes and ``path`` is untouched."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _failed(what: Path, step: int, err: BaseException, run_dir: Path) -> CheckpointError:
+    msg = first_line(err)
+    if isinstance(err, OSError) and err.strerror:
+        msg = err.strerror
+    try:
+        free = f"; {shutil.disk_usage(what.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    newest = latest_checkpoint(run_dir)
+    kept = f"the newest intact checkpoint is {newest}" if newest else "no earlier checkpoint exists"
+    return CheckpointError(
+        f"checkpoint of step {step} not written: {what}: {msg}{free}; temp file removed, {kept}"
+    )
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) -> Path:
-    """Write ``ckpt-<step>.pt`` atomically, export weights as safetensors, keep the newest ``keep``."""
+    """Write ``ckpt-<step>.pt`` atomically, export weights as safetensors, keep the newest ``keep``.
+    Raises CheckpointError (one line) when a write fails; what was intact before stays intact."""
     from safetensors.torch import save_file
 
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
     path = ckpt_dir / f"ckpt-{step:08d}.pt"
-    _atomic(path, lambda p: torch.save(state, p))
-    for name in ("model", "ema"):
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state[name].items()}
-        _atomic(
-            ckpt_dir / f"{name}.safetensors", lambda p, t=tensors: save_file(t, str(p), {"step": str(step)})
-        )
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
+    target = path
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic(path, lambda p: torch.save(state, p))
+        for name in ("model", "ema"):
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state[name].items()}
+            target = ckpt_dir / f"{name}.safetensors"
+            _atomic(target, lambda p, t=tensors: save_file(t, str(p), {"step": str(step)}))
+        for old in list_checkpoints(run_dir)[:-keep]:
+            target = old
+            old.unlink()
+    except Exception as e:  # OSError (ENOSPC, EIO, ...) or torch's RuntimeError from its zip writer
+        raise _failed(target, step, e, run_dir) from None
+    return path
+
+
+def save_state(path: str | Path, state: dict) -> Path:
+    """A state outside the resumable checkpoints (e.g. ``<run>/nonfinite/``), written atomically."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic(path, lambda p: torch.save(state, p))
+    except Exception as e:
+        raise _failed(path, int(state.get("step", -1)), e, path.parent.parent) from None
     return path
 
 
@@ -88,10 +136,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0]})"
-        ) from None
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first_line(e)})") from None
     for key in ("model", "ema", "optim", "step", "config"):
-        if key not in state:
+        if not isinstance(state, dict) or key not in state:
             raise CheckpointError(f"{path}: not a nanodit checkpoint (no {key!r})")
     return state

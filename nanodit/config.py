@@ -10,11 +10,13 @@ the run folder and as a dict in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -41,8 +43,29 @@ class ModelConfig:
 
 
 @dataclass
+class KeysConfig:
+    """The tar member extension of each sample key (nanodit/data/schema.py): shards whose members are named
+    otherwise are read without rewriting, e.g. ``data.keys.latent=vae_latent.npy data.keys.txt=caption.txt``."""
+
+    latent: str = "latent.npy"
+    latent_flip: str = "latent_flip.npy"
+    dino: str = "dino.npy"
+    dino_flip: str = "dino_flip.npy"
+    t5: str = "t5.npy"
+    t5_flip: str = "t5_flip.npy"
+    t5_mask: str = "t5_mask.npy"
+    t5_flip_mask: str = "t5_flip_mask.npy"
+    txt: str = "txt"
+    flip_txt: str = "flip.txt"
+    json: str = "json"
+
+
+@dataclass
 class DataConfig:
-    path: str | None = None  # shard folder; None: the built-in synthetic "shapes" set in cache_dir
+    # shards: a folder (this project's manifest, another producer's, one folder per bucket, or flat), a glob
+    # ("data/*.tar"), a brace pattern ("shard-{0000..0099}.tar") or a comma-separated list of tars (the
+    # layouts: nanodit/data/layout.py); None: the built-in synthetic "shapes" set in cache_dir
+    path: str | None = None
     cache_dir: str = ".cache/nanodit"
     synth_samples: int = 100
     synth_seed: int = 0
@@ -53,8 +76,12 @@ class DataConfig:
     shuffle: bool = True
     last_batch: str = "partial"  # partial | drop: what happens to a bucket's remainder each epoch
     t5_pad_multiple: int = 8  # pad T5 to the batch's longest caption rounded up to this
-    t5_max_len: int | None = None  # None: from the manifest; longer captions are an error
-    on_error: str = "raise"  # raise | skip: a sample that breaks the schema
+    t5_max_len: int | None = None  # None: the manifest's, else 512 (T5's own); longer captions are an error
+    on_error: str = "raise"  # raise | skip: a sample that breaks the schema (skips are counted by reason)
+    # auto: every sample's arrays are read at start (NaN/Inf) unless a stamp written by
+    # `python -m nanodit.data check` vouches for exactly these files; full: always read them
+    check: str = "auto"
+    keys: KeysConfig = field(default_factory=KeysConfig)
     num_workers: int = 2  # webdataset loader workers; DALI threads per bucket pipeline
     prefetch: int = 4  # batches read ahead per webdataset worker / per DALI pipeline
     rank: int | None = None  # this process's share of the data; None: torch.distributed's rank, else 0
@@ -94,7 +121,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
-    resume: str = "none"  # none | auto | PATH of a checkpoint
+    resume: str = "none"  # none | auto | PATH of a checkpoint (what may change on resume: nanodit/resume.py)
+    # a step whose loss or gradient norm is not finite is never applied (nanodit/nonfinite.py); at the next
+    # log step, stop: end the run (the state kept in <run>/nonfinite/, apart from the checkpoints) | skip: go on
+    on_nonfinite: str = "stop"
     loss_bins: int = 10  # per-t-bin losses for logging
     # torch.profiler over steps [profile_start, profile_start + profile_steps) -> <run>/profile/ (trace.json,
     # summary.txt: wall vs GPU-busy ms per step, host ms per loop region, top kernels); 0 = off
@@ -156,6 +186,8 @@ CHOICES = {
     "data.loader": ("auto", "gpu-cache", "dali", "webdataset"),
     "data.last_batch": ("partial", "drop"),
     "data.on_error": ("raise", "skip"),
+    "data.check": ("auto", "full"),
+    "train.on_nonfinite": ("stop", "skip"),
     "train.precision": ("fp32", "tf32", "bf16"),
     "val.vae_dtype": ("fp32", "bf16"),
     "val.lpips_net": ("alex", "vgg", "squeeze"),
@@ -249,15 +281,35 @@ def check(cfg: Config) -> Config:
         raise ConfigError(
             f"config: data.synth_size={cfg.data.synth_size} must be >= 16 and a multiple of 2*model.patch"
         )
+    d = cfg.data
+    if d.t5_max_len is not None and d.t5_max_len <= 0:
+        raise ConfigError(f"config: data.t5_max_len={d.t5_max_len} must be > 0 (or null: the manifest's)")
+    names = dataclasses.asdict(d.keys)
+    for key, ext in names.items():
+        if not ext or any(c.isspace() or c == "/" for c in ext) or ext.startswith("."):
+            raise ConfigError(
+                f"config: data.keys.{key}={ext!r} must be a tar member extension like 'latent.npy'"
+            )
+    dup = [e for e in set(names.values()) if list(names.values()).count(e) > 1]
+    if dup:
+        raise ConfigError(
+            f"config: data.keys: {dup[0]!r} is given for two keys ({', '.join(k for k, e in names.items() if e == dup[0])})"
+        )
     if t.resume not in ("none", "auto") and not Path(t.resume).is_file():
         raise ConfigError(f"config: train.resume={t.resume!r} is neither none, auto nor a checkpoint file")
     return cfg
 
 
+def _printable(text: str) -> str:
+    """Control characters (a newline in a key, say) escaped: an error stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
-    msg = str(err).splitlines()[0]
-    return f"config: {key}: {msg}" if key else f"config: {msg}"
+    # OmegaConf appends "\n    full_key: ...\n    object_type=..."; the key itself may hold a newline
+    msg = re.split(r"\n\s+full_key:", str(err))[0].strip()
+    return _printable(f"config: {key}: {msg}" if key else f"config: {msg}")
 
 
 def resolve_config_path(name: str) -> Path:
@@ -273,26 +325,47 @@ def resolve_config_path(name: str) -> Path:
     )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < ``key=value`` overrides, type-checked and range-checked."""
-    schema = OmegaConf.structured(Config)
+def _load_file(p: Path):
     try:
-        layers = [schema]
-        if path is not None:
-            p = resolve_config_path(str(path))
-            try:
-                layers.append(OmegaConf.load(p))
-            except Exception as e:  # yaml errors are multi-line
-                raise ConfigError(f"config: {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        for o in overrides or []:
-            if "=" not in o:
-                raise ConfigError(f"config: override {o!r} is not of the form key=value")
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        layer = OmegaConf.load(p)
+    except Exception as e:  # yaml errors are multi-line
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ConfigError(_printable(f"config: {p}: not valid YAML ({msg})")) from None
+    if not isinstance(layer, DictConfig):  # a list or a scalar at the top
+        raise ConfigError(
+            f"config: {p}: the top level must be a mapping of sections (model:, data:, train:, ...)"
+        )
+    return layer
+
+
+def _load_override(o: str):
+    """One ``key=value`` as its own layer (layers merge in order, as one dotlist would), so that a bad one is
+    named: the value is parsed as YAML and the key as an OmegaConf key path, both of which can fail oddly."""
+    if "=" not in o:
+        raise ConfigError(_printable(f"config: override {o!r} is not of the form key=value"))
+    try:
+        return OmegaConf.from_dotlist([o])
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    except (yaml.YAMLError, IndexError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ConfigError(_printable(f"config: override {o!r}: not a valid key=value ({msg})")) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < ``key=value`` overrides, type-checked and range-checked."""
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        layers.append(_load_file(resolve_config_path(str(path))))
+    layers += [_load_override(o) for o in overrides or []]
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    except TypeError as e:  # OmegaConf: a list or a scalar where the schema has a section
+        raise ConfigError(
+            _printable(f"config: {str(e).splitlines()[0]} (a value where a section belongs?)")
+        ) from None
     return check(cfg)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,21 +20,34 @@ import torch
 
 from nanodit.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
+    save_state,
     set_rng_state,
 )
 from nanodit.config import Config, ConfigError, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
+from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.flow import training_loss
 from nanodit.model import build_model
+from nanodit.nonfinite import StepGuard, grad_norm, stop_message
 from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
 from nanodit.provenance import code_version
+from nanodit.resume import check_compatible, load_into, pick_checkpoint
+from nanodit.runlog import (
+    LossWindow,
+    MetricsLogger,
+    RunDirError,
+    data_line,
+    first_logged_loss,
+    log_row,
+    prepare_run_dir,
+    write_atomic,
+)
+from nanodit.signals import GracefulStop, Interrupted, signal_name
 from nanodit.tracing import StepProfiler
 from nanodit.validation import Validator, read_val_samples, write_final
 from nanodit.validation.report import decision_lines
@@ -43,31 +55,6 @@ from nanodit.validation.report import decision_lines
 
 class TrainError(RuntimeError):
     """A problem a user can fix; printed as one line."""
-
-
-class MetricsLogger:
-    """Metrics to ``metrics.jsonl`` in the run folder and to TensorBoard."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def default_run_dir() -> Path:
@@ -78,7 +65,13 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     """Run a training job described by ``cfg``. Returns a summary dict (also written as summary.json).
 
     ``stop_after`` (tests): stop after that step with a checkpoint, as if the job had been interrupted.
+    SIGINT/SIGTERM stop it the same way and raise ``Interrupted`` (nanodit/signals.py).
     """
+    with GracefulStop() as stop:
+        return _train(cfg, quiet, stop_after, stop)
+
+
+def _train(cfg: Config, quiet: bool, stop_after: int | None, stop: GracefulStop) -> dict:
     say = (lambda *a: None) if quiet else print
 
     # ---- device and precision ----------------------------------------------------------------
@@ -88,24 +81,25 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
 
     # ---- run folder ---------------------------------------------------------------------------
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = latest_checkpoint(run_dir)
-    elif cfg.train.resume != "none":
-        resume_from = Path(cfg.train.resume)
-    elif list_checkpoints(run_dir):
+    stale = prepare_run_dir(run_dir)  # before any work: a folder that cannot be written is one line
+    if stale:
+        say(
+            f"run folder: removed {len(stale)} temp file(s) of an interrupted write ({', '.join(p.name for p in stale)})"
+        )
+    if cfg.train.resume == "none" and list_checkpoints(run_dir):
         raise TrainError(
             f"run.dir={run_dir} already holds checkpoints; pass train.resume=auto to continue it or pick a new run.dir"
         )
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    resume_from, state = pick_checkpoint(run_dir, cfg.train.resume, device, say)
+    if state is not None:
+        check_compatible(state, cfg)  # the model's shape, before the data is read
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     # ---- data ---------------------------------------------------------------------------------
-    manifest, loader = build_loader(cfg, device)
-    say(
-        f"data: {loader.root} ({manifest['count']} samples, buckets {', '.join(manifest['buckets'])}, "
-        f"{loader.batches_per_epoch} batches/epoch), loader {loader.name} ({loader.reason})"
-    )
+    manifest, loader = build_loader(cfg, device, progress=cfg.run.progress and not quiet)
+    say(data_line(loader))
+    for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
+        say(f"warning: {problem}")
 
     # ---- model and objective ------------------------------------------------------------------
     model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
@@ -120,6 +114,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     # ---- optimizer and EMA --------------------------------------------------------------------
     optim = build_optimizer(model, cfg.train, device)
     ema = EMA(model)
+    guard = StepGuard(optim)  # a non-finite step is masked on the device (nanodit/nonfinite.py)
 
     # ---- validation: the run's judge, built once from its config, manifest and samples -------
     validator = None
@@ -145,19 +140,20 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             fwd = torch.compile(model, mode=mode)
 
     # ---- resume -------------------------------------------------------------------------------
-    step = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optim.load_state_dict(state["optim"])
+    step, book = 0, {}
+    if state is not None:
+        for warning in check_compatible(state, cfg, manifest):
+            say(warning)
+        load_into(state, model, ema, optim, resume_from)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"], generator)
         step = int(state["step"])
+        book = state.get("log", {})  # the loss window and the run's first loss (runlog.py)
         say(f"resume: {resume_from} (step {step})")
+        del state
 
     # ---- loop ---------------------------------------------------------------------------------
-    metrics = MetricsLogger(run_dir, cfg.run.tensorboard)
+    metrics = MetricsLogger(run_dir, cfg.run.tensorboard, step)  # rows after the resumed step go
     t = cfg.train
     bar = None
     if cfg.run.progress and not quiet:
@@ -166,12 +162,15 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loss_acc = torch.zeros((), device=device)
-    bins_acc = torch.zeros(2, t.loss_bins, device=device)
-    n_acc, t_last, first_loss, last_loss, wait_acc = 0, time.perf_counter(), None, None, 0.0
+    window = LossWindow(device, t.loss_bins)
+    if "window" in book:
+        window.load_state_dict(book["window"])
+    first_loss = book.get("first_loss", first_logged_loss(run_dir / "metrics.jsonl") if step else None)
+    last_loss, nonfinite_total, saved, rows_logged = None, int(book.get("nonfinite_steps", 0)), {}, 0
+    skipped = skip_counts(loader.skipped)
 
-    def checkpoint(at: int) -> Path:
-        state = {
+    def state_now(at: int) -> dict:
+        return {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "optim": optim.state_dict(),
@@ -180,16 +179,32 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             "loader": loader.state_dict(),
             "config": to_dict(cfg),
             "manifest": manifest,
+            "log": {
+                "window": window.state_dict(),
+                "first_loss": first_loss,
+                "nonfinite_steps": nonfinite_total,
+            },
         }
-        return save_checkpoint(run_dir, at, state, keep=t.keep_checkpoints)
+
+    def checkpoint(at: int) -> Path:
+        if at not in saved:  # a stop right after a periodic save reuses it
+            saved[at] = save_checkpoint(run_dir, at, state_now(at), keep=t.keep_checkpoints)
+        return saved[at]
+
+    def close_all() -> None:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        loader.close()
 
     prof = StepProfiler(run_dir / "profile", t.profile_start, t.profile_steps, device)
+    stop.arm()  # from here a signal stops the run after the current step, with a checkpoint
     while step < t.steps:
         prof.at(step)
         t_wait = time.perf_counter()
         with prof.region("data"):
             batch = next(loader)
-        wait_acc += time.perf_counter() - t_wait  # host time in the loader (async copies excluded)
+        window.wait += time.perf_counter() - t_wait  # host time in the loader (async copies excluded)
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
         for g in optim.param_groups:
             g["lr"] = lr
@@ -206,61 +221,59 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
             )
         with prof.region("optimizer"):
-            optim.step()
+            ok = guard.check(loss, gnorm if gnorm is not None else grad_norm(model.parameters()))
+            guard.step(ok, step + 1, batch["ids"])  # masked on the device where not ok: no host sync
         with prof.region("ema"):
             ema.update(model, ema_decay_at(step, t.ema_decay, t.ema_warmup_steps))
         step += 1
-        loss_acc += loss.detach()
-        bins_acc += torch.stack([stats["bin_sum"], stats["bin_count"]])
-        n_acc += batch["latent"].shape[0]
+        window.add(loss, stats, ok, batch["latent"].shape[0])
 
         if step % t.log_every == 0 or step == t.steps:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            n_steps = t.log_every if step % t.log_every == 0 else step % t.log_every
-            mean_loss = loss_acc.item() / n_steps
-            if not math.isfinite(mean_loss):
-                checkpoint(step)  # keep the state that diverged for inspection
-                raise TrainError(
-                    f"loss is {mean_loss} at step {step}; checkpoint kept in {run_dir / 'checkpoints'}"
-                )
-            first_loss = mean_loss if first_loss is None else first_loss
-            last_loss = mean_loss
-            row = {
-                "loss": mean_loss,
-                "lr": lr,
-                "samples_per_s": n_acc / (now - t_last),
-                "ms_per_step": 1000 * (now - t_last) / n_steps,
-                "epoch": loader.state_dict()["epoch"],
-                "data_wait_frac": wait_acc / (now - t_last),
-            }
-            if gnorm is not None:
-                row["grad_norm"] = float(gnorm)
-            bs, bc = bins_acc.tolist()
-            for i in range(t.loss_bins):
-                if bc[i] > 0:
-                    row[f"loss_t{i / t.loss_bins:.1f}"] = bs[i] / bc[i]
+            bad = guard.read()  # the window's finite flags, in one transfer
+            nonfinite_total += len(bad)
+            row = log_row(window, bad, lr, gnorm, loader.state_dict()["epoch"], t.loss_bins)
+            if skipped and not rows_logged:
+                row["data_skipped"] = skipped  # samples skipped by reason, in this process's first row
+            rows_logged += 1
+            mean_loss = row["loss"]
+            if mean_loss is not None:
+                first_loss = mean_loss if first_loss is None else first_loss
+                last_loss = mean_loss
             metrics.log(step, row)
-            if bar is not None:
+            if bar is not None and mean_loss is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
-            loss_acc.zero_()
-            bins_acc.zero_()
-            n_acc, t_last, wait_acc = 0, time.perf_counter(), 0.0
+            window.reset()
+            if bad and t.on_nonfinite == "stop":
+                kept = save_state(
+                    run_dir / "nonfinite" / f"ckpt-{step:08d}.pt", {**state_now(step), "nonfinite": bad}
+                )
+                close_all()
+                raise TrainError(stop_message(bad, step, kept))
+            if bad:
+                say(
+                    f"step {step}: skipped {len(bad)} non-finite step(s) ({', '.join(str(s) for s, _ in bad[:5])})"
+                )
         if bar is not None:
             bar.update(1)
         if step % t.ckpt_every == 0 and step < t.steps:
             checkpoint(step)
         if stop_after is not None and step >= stop_after:
             checkpoint(step)
-            metrics.close()
-            loader.close()
-            if bar is not None:
-                bar.close()
+            close_all()
             return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
+        if stop.requested is not None:  # SIGINT / SIGTERM: this step is done; save it and go
+            path = checkpoint(step)
+            close_all()
+            raise Interrupted(
+                stop.requested,
+                f"interrupted by {signal_name(stop.requested)} after step {step}: checkpoint {path} "
+                "(continue with train.resume=auto)",
+            )
         if validator is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
             validate_ema(validator, ema, run_dir, step, metrics, say)
-            t_last = time.perf_counter()
+            window.t0 = time.perf_counter()
 
     # ---- teardown -----------------------------------------------------------------------------
     if bar is not None:
@@ -273,6 +286,8 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
         "first_logged_loss": first_loss,
         "last_logged_loss": last_loss,
         "checkpoint": str(final),
+        "data": {"samples": sum(loader.counts.values()), "skipped": skipped, "checked": loader.checked},
+        "nonfinite_steps": nonfinite_total,
         "params": n_params,
         "code": code_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -288,7 +303,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
     metrics.close()
     loader.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     say(f"done: {step} steps, loss {first_loss} -> {last_loss}")
     say(f"run folder: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
     if report is not None:
@@ -345,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("no GPU found: running the smoke config (a minute on a CPU); pass --config to choose")
         cfg = load_config(name, args.overrides)
         train(cfg)
-    except (ConfigError, TrainError, ShardError, CheckpointError, DeviceError) as e:
+    except Interrupted as e:
+        print(f"{e}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, TrainError, ShardError, CheckpointError, DeviceError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -81,6 +81,14 @@ def test_cli_overrides_file():
         ("train.p_drop_both=1.5", "train.p_drop_both"),
         ("model.heads=5", "model.width"),
         ("bogus.key=1", "bogus"),
+        ("data.keys.latent=", "data.keys.latent"),
+        ("data.keys.dino=latent.npy", "data.keys"),
+        ("data.keys.bogus=x.npy", "data.keys.bogus"),
+        ("data.t5_max_len=0", "data.t5_max_len"),
+        ("data.check=sometimes", "data.check"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite"),
+        ("data.cache_dir=\x1f", "data.cache_dir"),
+        ("train.stepz\n=3", "train.stepz\\n"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

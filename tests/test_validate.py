@@ -153,6 +153,22 @@ def test_read_val_samples_reads_a_bounded_prefix_per_bucket(tmp_path) -> None:
     assert all(len(g) == 40 for g in more.values())
 
 
+@pytest.mark.parametrize("layout", ["flat", "bucket-folders"])
+def test_read_val_samples_reads_other_producers_layouts(tmp_path, layout) -> None:
+    """Validation reads what the loaders read: another producer's per-bucket folders, and flat tars that mix
+    buckets (each sample goes to its own bucket, never to one its tar is also listed under)."""
+    from stage2_writer import write
+
+    root = write(tmp_path / "d", layout=layout, samples=20, per_tar=3)
+    _, full, _ = read_all(root)
+    manifest, some = read_val_samples(root, 2)
+    assert set(some) == set(full) == {(8, 8), (6, 10)}
+    for b, g in some.items():
+        assert all(smp.bucket == b and smp.latent.shape[1:] == b for smp in g)
+        assert [smp.id for smp in g] == [smp.id for smp in full[b]]  # 10 per bucket: under the limit of 32
+    assert manifest["count"] == 20
+
+
 def test_intact_oracle_passes_everything_and_is_go(shapes, tmp_path) -> None:
     """The ideal model: every scorer passes, LPIPS ~ 0, falling loss -> GO; one sampler call per bucket."""
     _, manifest, groups = shapes

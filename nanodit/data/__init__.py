@@ -1,7 +1,11 @@
-"""Data: the shard schema (``shards``), the synthetic shapes set (``synth``), and the loaders (``loader``).
+"""Data: the sample schema (``schema``), where shards are (``layout``), this project's writer and decode path
+(``shards``), the index and the data check (``index``, ``check``), the synthetic shapes set (``synth``), and
+the loaders (``loader``).
 
-``build_loader(cfg, device)`` is what the trainer calls: it finds (or generates) the shards, reads the manifest,
-picks a backend (``data.loader``) and returns ``(manifest, loader)``. Every backend yields the same batches
+``build_loader(cfg, device)`` is what the trainer calls: it finds (or generates) the shards, resolves their
+layout into the canonical manifest, picks a backend (``data.loader``), checks every sample (the same check as
+``python -m nanodit.data check``; with ``data.check=auto`` the arrays are not re-read when a stamp of that check
+vouches for the files) and returns ``(manifest, loader)``. Every backend yields the same batches
 (loader.py states the semantics): gpu-cache (gpu_cache.py; all data resident on the device), webdataset
 (wds_loader.py; tars read by index through a DataLoader) and dali (dali_loader.py; DALI's webdataset reader).
 ``auto`` takes gpu-cache when the data fits ``data.gpu_cache_fraction`` of the free device memory (always on a
@@ -14,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from nanodit.data.layout import register, resolve
 from nanodit.data.loader import ScheduledLoader, Semantics
-from nanodit.data.shards import ShardError, load_manifest, read_all
+from nanodit.data.schema import Keys, ShardError, skip_counts
 
 
 def synthetic_dir(cfg) -> Path:
@@ -33,12 +38,25 @@ def ensure_synthetic(cfg) -> Path:
     return out
 
 
+def data_keys(cfg) -> Keys:
+    """``data.keys`` as the readers' key map."""
+    import dataclasses
+
+    return Keys.from_fields(dataclasses.asdict(cfg.data.keys))
+
+
 def data_root(cfg) -> Path:
-    if cfg.data.path is None:
-        return ensure_synthetic(cfg)
-    root = Path(cfg.data.path)
-    if not root.is_dir():
-        raise ShardError(f"data.path={cfg.data.path!r}: no such folder")
+    """``data.path`` (a folder, a glob, a brace pattern or a list of tars; None: the shapes set), registered
+    with the run's key map and T5 limit so that every reader given the path reads it as the loader does."""
+    spec = cfg.data.path
+    if spec is None:
+        root = ensure_synthetic(cfg)
+    else:
+        root = Path(spec)
+        pattern = any(ch in spec for ch in "*?[{,") or "::" in spec
+        if not (root.is_dir() or root.is_file() or pattern):
+            raise ShardError(f"data.path={spec!r}: no such folder or file")
+    register(root, data_keys(cfg), cfg.data.t5_max_len)
     return root
 
 
@@ -106,57 +124,62 @@ def pick_backend(cfg, manifest: dict, sem: Semantics, device: torch.device) -> t
     return "webdataset", f"auto: {gib}, too much to cache; DALI is not installed"
 
 
-def _check_max_len(root: Path, max_len: int | None, lengths) -> None:
-    if not max_len:
-        return
-    for sid, n in lengths:
-        if n > max_len:
-            raise ShardError(f"{root}: sample {sid}: T5 length {n} > data.t5_max_len={max_len}")
-
-
-def build_loader(cfg, device: torch.device) -> tuple[dict, ScheduledLoader]:
+def build_loader(cfg, device: torch.device, progress: bool = False) -> tuple[dict, ScheduledLoader]:
     """(manifest, loader) for ``cfg.data``; the loader yields batch dicts on ``device`` (see loader.py).
 
-    The loader also carries ``root`` (the shard folder), ``skipped`` (schema errors skipped with
-    ``data.on_error=skip``), ``name`` (the backend) and ``reason`` (why that backend).
+    The loader also carries ``root`` (the data.path), ``skipped`` (ShardErrors skipped with
+    ``data.on_error=skip``, each with its ``reason``), ``problems`` (data-set problems warned under skip),
+    ``checked`` ("full", or "stamp" when a data check's stamp vouched for the arrays), ``name`` (the backend)
+    and ``reason`` (why that backend). ``progress``: a bar while every sample is read.
     """
+    from nanodit.data.check import progress_bar, stamp_matches
+    from nanodit.data.index import build_index
+
     d = cfg.data
     if d.prefetch < 1:
         from nanodit.config import ConfigError
 
         raise ConfigError(f"config: data.prefetch={d.prefetch} must be >= 1")
     root = data_root(cfg)
-    manifest = load_manifest(root)
+    layout = resolve(root, data_keys(cfg), d.t5_max_len)
+    manifest = layout.manifest
     sem = semantics(cfg)
     backend, reason = pick_backend(cfg, manifest, sem, device)
-    max_len = d.t5_max_len or manifest.get("t5_max_len")
+    trusted = d.check == "auto" and stamp_matches(layout)
+    bar, tick = progress_bar(manifest["count"], "data check", progress and not trusted)
+    try:
+        index = build_index(
+            layout,
+            d.on_error,
+            threads=max(1, d.num_workers),
+            values=not trusted,
+            streaming=backend != "gpu-cache",
+            progress=tick,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not sum(index.counts.values()):
+        counts = ", ".join(f"{k}: {v}" for k, v in skip_counts(index.skipped).items())
+        raise ShardError(
+            f"data.path={str(root)!r}: no sample passed the check ({len(index.skipped)} skipped: {counts})"
+        )
     if backend == "gpu-cache":
         from nanodit.data.gpu_cache import GpuCacheLoader
+        from nanodit.data.index import read_samples
 
-        manifest, groups, skipped = read_all(root, on_error=d.on_error)
-        lengths = (
-            (s.id, a.shape[0]) for g in groups.values() for s in g for a in (s.t5, s.t5_flip) if a is not None
-        )
-        _check_max_len(root, max_len, lengths)
-        loader = GpuCacheLoader(groups, sem, device)
+        loader = GpuCacheLoader(read_samples(index), sem, device)
+    elif backend == "dali":
+        from nanodit.data.dali_loader import DaliLoader
+
+        loader = DaliLoader(index, sem, device, threads=max(1, d.num_workers), prefetch=d.prefetch)
     else:
-        from nanodit.data.index import build_index
+        from nanodit.data.wds_loader import WebDatasetLoader
 
-        index = build_index(root, on_error=d.on_error, threads=max(1, d.num_workers))
-        lengths = (
-            (ib.ids[i], int(n)) for ib in index.buckets.values() for i, n in enumerate(ib.t5_len.max(1))
-        )
-        _check_max_len(root, max_len, lengths)
-        skipped = index.skipped
-        if backend == "dali":
-            from nanodit.data.dali_loader import DaliLoader
-
-            loader = DaliLoader(index, sem, device, threads=max(1, d.num_workers), prefetch=d.prefetch)
-        else:
-            from nanodit.data.wds_loader import WebDatasetLoader
-
-            loader = WebDatasetLoader(index, sem, device, num_workers=d.num_workers, prefetch=d.prefetch)
-    loader.skipped = skipped
+        loader = WebDatasetLoader(index, sem, device, num_workers=d.num_workers, prefetch=d.prefetch)
+    loader.skipped = index.skipped
+    loader.problems = index.problems
+    loader.checked = "stamp" if trusted else "full"
     loader.root = root
     loader.reason = reason
     return manifest, loader

@@ -24,7 +24,10 @@ def cache_bytes(manifest: dict, sem: Semantics) -> int:
     """An upper bound of the device bytes this rank's cache takes (flips assumed, T5 padded to the manifest's
     longest caption), computed from the manifest before anything is read."""
     C, Dd, Dt = manifest.get("latent_channels", 16), manifest["dino_dim"], manifest["t5_dim"]
-    L = -(-int(manifest.get("t5_max_len") or 1) // sem.pad_multiple) * sem.pad_multiple
+    longest = (
+        manifest.get("t5_max_len") or manifest.get("t5_limit", {}).get("value") or 1
+    )  # unstated: the limit
+    L = -(-int(longest) // sem.pad_multiple) * sem.pad_multiple
     total = 0
     for name, entry in manifest["buckets"].items():
         h, w = (int(v) for v in name.split("x"))

@@ -1,6 +1,8 @@
-"""Random access into tar shards: where every array of every sample lies, so a loader can read any batch.
+"""Random access into tar shards, and the data check every loader and ``python -m nanodit.data check`` share:
+where every array of every sample lies, so a loader can read any batch, after every sample passed the schema.
 
     index = build_index(root)                    # a few small reads per sample, at start
+    index = build_index(root, values=True)       # the full check: every array read (NaN/Inf), as `data check`
     ib = index.buckets[(64, 64)]; i = 3          # position 3 of the bucket, in shard order (as read_all)
     ib.shard[i], ib.data_off[i, T5], ib.t5_len[i, 0]
 
@@ -9,106 +11,60 @@ bucket. A stream through the tars (with a bounded shuffle buffer) cannot produce
 (shard, offset) can. The cost is paid once at start: the member table of each tar comes from the DALI index file
 the ShardWriter writes beside it (``shard-00000.idx``, wds2idx format v1.2; else the tar headers are scanned),
 then per sample the json (id, bucket), the captions and the .npy headers (dtype, shape, where the array bytes
-begin) are read: ~10 small reads per sample, ~1-3 s per 10k samples from local disk. Schema errors (missing
-key, wrong dtype or shape, pickles) surface then, naming shard, sample and key; NaN/Inf can only be seen when
-an array is read (the webdataset backend checks; ``python -m nanodit.data check`` checks everything).
+begin) are read: ~10 small reads per sample, ~1-3 s per 10k samples from local disk. Every rule of
+``schema.py`` is applied then (the decode path, ``shards.decode_sample``, applies the same ones), naming shard,
+sample and key. ``values=True`` also reads every array for NaN/Inf: the loaders do that unless a stamp written
+by ``data check`` vouches for the same files (check.py).
 
 The streaming readers read arrays raw (no .npy parsing per step), so they need float16 C-order arrays, as the
-ShardWriter writes them; a float32 shard is an error here (the in-memory backends convert it).
+ShardWriter writes them; a float32 shard is an error with ``streaming=True`` (the in-memory backend converts).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import tarfile
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from numpy.lib import format as npy_format
 
-from nanodit.data.shards import FORBIDDEN_EXT, REQUIRED, ShardError, load_manifest, shard_paths
+from nanodit.data.layout import Layout, resolve
+from nanodit.data.schema import (
+    Keys,
+    Sample,
+    ShardError,
+    Tally,
+    all_finite,
+    check_array,
+    check_members,
+    check_t5_len,
+    decode_text,
+    mask_length,
+    max_len_rule,
+    nonfinite,
+    parse_meta,
+    sample_bucket,
+    sample_id,
+)
+from nanodit.data.tars import (  # noqa: F401  (re-exported: the index's tar helpers, as before)
+    INDEX_VERSION,
+    group_members,
+    index_path,
+    npy_header,
+    pread,
+    read_npy,
+    read_wds_index,
+    scan_tar,
+    split_name,
+    tar_samples,
+    write_wds_index,
+)
 
 ARRAYS = ("latent", "dino", "t5", "latent_flip", "dino_flip", "t5_flip")  # columns of the offset tables
 LATENT, DINO, T5, LATENT_FLIP, DINO_FLIP, T5_FLIP = range(6)
-INDEX_VERSION = "v1.2"
-_HEAD = 256  # bytes read for an .npy header (np.save writes 128 for our arrays)
-
-
-def index_path(tar: str | Path) -> Path:
-    """The DALI index file beside a tar: ``shard-00000.tar`` -> ``shard-00000.idx`` (wds2idx's default name)."""
-    tar = Path(tar)
-    return tar.with_name(tar.name.split(".", 1)[0] + ".idx")
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """Tar member name -> (sample key, extension): the extension starts at the first dot of the last path part."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def scan_tar(tar: str | Path) -> list[tuple[str, int, int]]:
-    """(member name, data offset, size) of the regular files of a tar, in order; reads headers only."""
-    try:
-        with tarfile.open(tar, "r:") as tf:
-            return [(m.name, m.offset_data, m.size) for m in tf if m.isreg()]
-    except (tarfile.TarError, OSError) as e:
-        raise ShardError(f"{tar}: not a readable tar shard ({e.__class__.__name__}: {e})") from None
-
-
-def group_members(members: list[tuple[str, int, int]]) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Consecutive members with the same key form a sample: [(key, {ext: (offset, size)})]."""
-    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    for name, off, size in members:
-        key, ext = split_name(name)
-        if not key or key.rsplit("/", 1)[-1].startswith("."):
-            continue  # hidden files: neither webdataset nor DALI reads them
-        if not out or out[-1][0] != key:
-            out.append((key, {}))
-        out[-1][1][ext] = (off, size)
-    return out
-
-
-def write_wds_index(tar: str | Path, idx: str | Path | None = None) -> Path:
-    """Write DALI's index file (wds2idx format v1.2: ``<ext> <offset> <size> <name>`` per component) for a tar."""
-    idx = Path(idx) if idx is not None else index_path(tar)
-    samples = group_members(scan_tar(tar))
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    for key, comps in samples:
-        lines.append(" ".join(f"{ext} {off} {size} {_safe(key)}.{ext}" for ext, (off, size) in comps.items()))
-    tmp = idx.with_name(idx.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(idx)
-    return idx
-
-
-def _safe(name: str) -> str:
-    return name.replace(" ", "_")  # the index is whitespace-separated; the name is informative only
-
-
-def read_wds_index(idx: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """The samples of a v1.2 index file: [(key, {ext: (offset, size)})]."""
-    lines = Path(idx).read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or int(head[1]) != len(lines) - 1:
-        raise ShardError(f"{idx}: not a {INDEX_VERSION} index file with one line per sample")
-    out = []
-    for line in lines[1:]:
-        parts = line.split()
-        comps = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
-        out.append((split_name(parts[3])[0], comps))
-    return out
-
-
-def tar_samples(tar: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """The samples of a tar from its index file when that is at least as new as the tar, else from a scan."""
-    idx = index_path(tar)
-    if idx.is_file() and idx.stat().st_mtime_ns >= tar.stat().st_mtime_ns:
-        return read_wds_index(idx)
-    return group_members(scan_tar(tar))
 
 
 @dataclass
@@ -127,6 +83,8 @@ class BucketIndex:
     keys: list[str]
     txt: list[str]
     flip_txt: list[str | None]
+    f32: np.ndarray | None = None  # (N, 6) bool: stored as float32 (only with streaming=False)
+    meta: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -141,7 +99,10 @@ class SampleIndex:
     C: int
     Dd: int
     Dt: int
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[ShardError] = field(default_factory=list)
+    problems: list[ShardError] = field(default_factory=list)  # data-set level, warned under on_error=skip
+    values_checked: bool = False
+    layout: Layout | None = None
 
     @property
     def counts(self) -> dict[tuple[int, int], int]:
@@ -157,152 +118,238 @@ class SampleIndex:
         return max((int(ib.t5_len.max()) for ib in self.buckets.values() if len(ib)), default=0)
 
 
-def _pread(fd: int, off: int, n: int) -> bytes:
-    out = os.pread(fd, n, off)
-    while len(out) < n:  # short reads only at end of file (a truncated shard)
-        more = os.pread(fd, n - len(out), off + len(out))
-        if not more:
-            break
-        out += more
+@dataclass
+class Rules:
+    """What every sample is checked against (from the canonical manifest)."""
+
+    dims: tuple[int, int, int]  # C, Dd, Dt
+    keys: Keys
+    limit: tuple[int, str]  # T5 tokens, and where that limit comes from
+    values: bool = False  # read every array for NaN/Inf
+    streaming: bool = True  # float32 is an error (the raw readers need float16)
+
+    @classmethod
+    def of(cls, manifest: dict, values: bool = False, streaming: bool = True) -> Rules:
+        limit = manifest.get("t5_limit") or {}
+        value, source = (limit["value"], limit["source"]) if limit else max_len_rule(None, manifest)
+        dims = (int(manifest.get("latent_channels", 16)), int(manifest["dino_dim"]), int(manifest["t5_dim"]))
+        return cls(dims, Keys.from_fields(manifest.get("keys")), (value, source), values, streaming)
+
+
+class FileMembers:
+    """The members of one sample inside an open tar: ``read(ext, offset, n)`` is a positioned read."""
+
+    def __init__(self, fd: int, comps: dict):
+        self.fd, self.comps = fd, comps
+
+    def __contains__(self, ext: str) -> bool:
+        return ext in self.comps
+
+    def __iter__(self):
+        return iter(self.comps)
+
+    def size(self, ext: str) -> int:
+        return self.comps[ext][1]
+
+    def read(self, ext: str, offset: int = 0, n: int | None = None) -> bytes:
+        off, size = self.comps[ext]
+        return pread(self.fd, off + offset, size - offset if n is None else n)
+
+
+class BytesMembers:
+    """The members of a decoded WebDataset record (bytes per extension), with the same interface."""
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def __contains__(self, ext: str) -> bool:
+        return ext in self.raw
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def size(self, ext: str) -> int:
+        return len(self.raw[ext])
+
+    def read(self, ext: str, offset: int = 0, n: int | None = None) -> bytes:
+        b = self.raw[ext]
+        return bytes(b[offset:] if n is None else b[offset : offset + n])
+
+
+def check_sample(members, url: str, key: str, listed: set, rules: Rules) -> dict:
+    """Every per-sample rule of schema.py, in one fixed order, for a sample whose (canonical) members are
+    read through ``members`` (FileMembers: the index; BytesMembers: the decode path). Returns what the
+    readers need: id, bucket, meta, captions, and per array column its header offset within the member
+    (``hdr``), dtype and rows; T5 valid lengths (``len``)."""
+    keys = rules.keys
+    at = f"{url}: sample {key}"
+    has_flip = check_members(members, keys, at)
+    meta = parse_meta(members.read("json") if "json" in members else None, keys, at)
+    sid = sample_id(meta, key)
+    heads = {}
+    for name in ARRAYS:
+        k = f"{name}.npy"
+        if k in members:
+            read = lambda o, n, k=k: members.read(k, o, n)  # noqa: E731
+            heads[name] = npy_header(read, members.size(k), f"{at}: key {keys.name(k)!r}")
+    lat_dtype, lat_shape, _ = heads["latent"]
+    if "bucket" not in meta and len(lat_shape) != 3:  # no bucket to expect: the shape alone is wrong
+        check_array("latent.npy", lat_dtype, lat_shape, rules.dims, ("h", "w"), keys, at, rules.streaming)
+    bucket = sample_bucket(meta, lat_shape, listed, url, sid, at)
+    rec = {"id": sid, "key": key, "bucket": bucket, "meta": meta, "has_flip": has_flip, "heads": heads}
+    rec["rows"] = [0, 0]
+    for name, (dtype, shape, _) in heads.items():
+        check_array(f"{name}.npy", dtype, shape, rules.dims, bucket, keys, at, rules.streaming)
+        if name.startswith("t5"):
+            rec["rows"][int(name == "t5_flip")] = shape[0]
+    rec["len"] = _t5_lengths(members, rec["rows"], rules, at)
+    rec["txt"] = decode_text(members.read("txt") if "txt" in members else b"", "txt", keys, at)
+    flip = members.read("flip.txt") if "flip.txt" in members else None
+    rec["flip_txt"] = decode_text(flip, "flip.txt", keys, at)
+    if rules.values:
+        for name, array in sample_arrays(members, rec, keys, at).items():
+            if not all_finite(array):
+                raise nonfinite(f"{name}.npy", keys, at)
+    return rec
+
+
+def _t5_lengths(members, rows: list[int], rules: Rules, at: str) -> list[int]:
+    """Valid T5 rows of t5 and t5_flip: all of them, or a padded array's mask prefix; within the limit."""
+    lens, keys = list(rows), rules.keys
+    for j, (t5_ext, mask_ext) in enumerate((("t5.npy", "t5_mask.npy"), ("t5_flip.npy", "t5_flip_mask.npy"))):
+        if not rows[j]:
+            continue
+        if j == 1 and mask_ext not in members:
+            mask_ext = "t5_mask.npy"  # one mask for both variants (padded to the same length)
+        if mask_ext in members:
+            read = lambda o, n, k=mask_ext: members.read(k, o, n)  # noqa: E731
+            mask = read_npy(read, members.size(mask_ext), f"{at}: key {keys.name(mask_ext)!r}")
+            lens[j] = mask_length(mask, rows[j], mask_ext, t5_ext, keys, at)
+        check_t5_len(lens[j], *rules.limit, t5_ext, keys, at)
+    return lens
+
+
+def sample_arrays(members, rec: dict, keys: Keys, at: str) -> dict[str, np.ndarray]:
+    """The arrays of a checked sample as stored (dtype as stored; T5 cut to its valid rows)."""
+    out = {}
+    for name, (dtype, shape, hdr) in rec["heads"].items():
+        if name.startswith("t5"):
+            shape = (rec["len"][int(name == "t5_flip")], shape[1])
+        n = int(np.prod(shape)) * dtype.itemsize
+        raw = members.read(f"{name}.npy", hdr, n)
+        if len(raw) != n:
+            raise ShardError(
+                f"{at}: key {keys.name(name + '.npy')!r}: the shard ends inside the array (truncated shard or stale index)",
+                "unreadable",
+            )
+        out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
     return out
 
 
-def _npy_header(fd: int, off: int, size: int, at: str) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, data offset) of the .npy member at ``off``; refuses pickles and Fortran order."""
-    head = _pread(fd, off, min(size, _HEAD))
-    try:
-        f = io.BytesIO(head)
-        version = npy_format.read_magic(f)
-        if version != (1, 0) and len(head) < size:
-            head = _pread(fd, off, min(size, 1 << 16))
-            f = io.BytesIO(head)
-            npy_format.read_magic(f)
-        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        hdr = f.tell()
-    except Exception as e:
-        raise ShardError(f"{at}: not a readable .npy without pickles ({str(e).splitlines()[0]})") from None
-    if dtype.hasobject:
-        raise ShardError(f"{at}: not a readable .npy without pickles (object dtype)")
-    if fortran and len(shape) > 1:
-        raise ShardError(f"{at}: Fortran-order array; write C-order arrays (np.save of np.ascontiguousarray)")
-    if hdr + int(np.prod(shape)) * dtype.itemsize != size:
-        raise ShardError(f"{at}: .npy header says {shape} {dtype} but the member holds {size} bytes")
-    return dtype, tuple(int(s) for s in shape), off + hdr
-
-
-def _check_array(dtype: np.dtype, shape: tuple, expect: tuple, at: str) -> None:
-    desc = "(" + ", ".join(str(e) for e in expect) + ("," if len(expect) == 1 else "") + ")"
-    if dtype == np.float32:
-        raise ShardError(
-            f"{at}: dtype float32; the streaming loaders (data.loader=webdataset|dali) read float16 as stored: "
-            "use data.loader=gpu-cache or rewrite the shards in float16"
-        )
-    if dtype != np.float16:
-        raise ShardError(f"{at}: dtype {dtype}, expected float16 {desc}")
-    if len(shape) != len(expect) or any(e != "L" and s != e for s, e in zip(shape, expect)):
-        raise ShardError(f"{at}: shape {shape}, expected {desc}")
-
-
-def _index_sample(fd: int, url: str, key: str, comps: dict, bucket: tuple[int, int], dims: tuple) -> dict:
-    """Validate one sample from its headers (as decode_sample does from its bytes) and locate its arrays."""
-    C, Dd, Dt = dims
-    at = f"{url}: sample {key}"
-    for ext in comps:
-        if ("." + ext).endswith(FORBIDDEN_EXT):
-            raise ShardError(f"{at}: key {ext!r}: pickled tensors are not allowed in shards")
-    for k in REQUIRED:
-        if k not in comps:
-            raise ShardError(f"{at}: missing key {k!r}")
-    try:
-        meta = json.loads(_pread(fd, *comps["json"]))
-        jb = tuple(int(v) for v in meta["bucket"])
-        sid = str(meta.get("id", key))
-    except Exception as e:
-        raise ShardError(
-            f"{at}: key 'json': {e.__class__.__name__}: needs {{'bucket': [h, w], 'id': ...}}"
-        ) from None
-    if jb != bucket:
-        raise ShardError(f"{url}: sample {sid}: json bucket {list(jb)} but shard is in {bucket}")
-    flips = [f"{a}.npy" for a in ARRAYS[3:]]
-    present = [k for k in flips if k in comps]
-    if present and len(present) != 3:
-        missing = sorted(set(flips) - set(present))
-        raise ShardError(f"{at}: has {present[0]!r} but not {missing[0]!r} (flip keys come together)")
-    rec = {"id": sid, "key": key, "off": [-1] * 6, "size": [-1] * 6, "data": [-1] * 6, "rows": [0, 0]}
-    expect = {"latent": (C, *bucket), "dino": (Dd,), "t5": ("L", Dt)}
+def _index_sample(fd: int, url: str, key: str, comps: dict, listed: set, rules: Rules) -> dict:
+    """check_sample on a sample inside an open tar, plus where its arrays lie (the offset tables)."""
+    members = FileMembers(fd, rules.keys.rename(comps))
+    rec = check_sample(members, url, key, listed, rules)
+    rec.update(off=[-1] * 6, size=[-1] * 6, data=[-1] * 6, f32=[False] * 6)
     for col, name in enumerate(ARRAYS):
-        k = f"{name}.npy"
-        if k not in comps:
-            continue
-        off, size = comps[k]
-        dtype, shape, data = _npy_header(fd, off, size, f"{at}: key {k!r}")
-        _check_array(dtype, shape, expect[name.split("_")[0]], f"{at}: key {k!r}")
-        if name.startswith("t5"):
-            if shape[0] == 0:
-                raise ShardError(f"{at}: key {k!r}: shape {shape}, expected (L >= 1, {Dt})")
-            rec["rows"][col // 3] = shape[0]
-        rec["off"][col], rec["size"][col], rec["data"][col] = off, size, data
-    rec["len"] = list(rec["rows"])
-    if "t5_mask.npy" in comps:  # padded states + mask: the valid prefix, as decode_sample keeps it
-        try:
-            mask = np.load(io.BytesIO(_pread(fd, *comps["t5_mask.npy"])), allow_pickle=False)
-        except Exception as e:
-            raise ShardError(
-                f"{at}: key 't5_mask.npy': not a readable .npy ({str(e).splitlines()[0]})"
-            ) from None
-        mask = mask.astype(bool).reshape(-1)
-        n = int(mask.sum())
-        for j, rows in enumerate(rec["rows"]):
-            if rows and mask.shape[0] != rows:
-                k = ("t5.npy", "t5_flip.npy")[j]
-                raise ShardError(f"{at}: key 't5_mask.npy': length {mask.shape[0]} != {k} length {rows}")
-        if n == 0 or not mask[:n].all():
-            raise ShardError(f"{at}: key 't5_mask.npy': valid tokens must be a non-empty prefix")
-        rec["len"] = [n if rows else 0 for rows in rec["rows"]]
-    rec["txt"] = _pread(fd, *comps["txt"]).decode("utf-8") if "txt" in comps else ""
-    rec["flip_txt"] = _pread(fd, *comps["flip.txt"]).decode("utf-8") if "flip.txt" in comps else None
-    rec["has_flip"] = bool(present)
+        if name in rec["heads"]:
+            dtype, _, hdr = rec["heads"][name]
+            off, size = members.comps[f"{name}.npy"]
+            rec["off"][col], rec["size"][col], rec["data"][col] = off, size, off + hdr
+            rec["f32"][col] = dtype == np.float32
+    del rec["heads"]
     return rec
 
 
 def _index_shard(
-    tar: Path, bucket: tuple[int, int], dims: tuple, on_error: str
-) -> tuple[list[dict], list[str]]:
-    recs, skipped = [], []
-    samples = tar_samples(tar)
-    fd = os.open(tar, os.O_RDONLY)
+    tar: Path, samples: list | None, listed: set, rules: Rules, on_error: str, stop: threading.Event, tick
+) -> list[dict | ShardError]:
+    """One shard's samples in order: a record or the error that sample raised (stops at the first error when
+    errors raise, or when another shard already failed)."""
+    out: list[dict | ShardError] = []
+    try:
+        samples = samples if samples is not None else tar_samples(tar)
+        fd = os.open(tar, os.O_RDONLY)
+    except ShardError as e:
+        return [e]
+    except OSError as e:
+        return [ShardError(f"{tar}: not readable ({e.strerror})", "unreadable")]
     try:
         for key, comps in samples:
+            if stop.is_set():
+                break
             try:
-                recs.append(_index_sample(fd, str(tar), key, comps, bucket, dims))
+                out.append(_index_sample(fd, str(tar), key, comps, listed, rules))
             except ShardError as e:
+                out.append(e)
                 if on_error != "skip":
-                    raise
-                skipped.append(str(e))
+                    break
+            except OSError as e:  # a read failing under us: the file, not the schema
+                out.append(ShardError(f"{tar}: sample {key}: read failed ({e.strerror})", "unreadable"))
+                break
+            if tick is not None:
+                tick(1)
     finally:
         os.close(fd)
-    return recs, skipped
+    return out
 
 
-def build_index(root: str | Path, on_error: str = "raise", threads: int = 8) -> SampleIndex:
-    """The sample index of a shard folder (same buckets, order and positions as ``read_all``)."""
-    root = Path(root)
-    manifest = load_manifest(root)
-    dims = (int(manifest.get("latent_channels", 16)), int(manifest["dino_dim"]), int(manifest["t5_dim"]))
-    per_bucket = shard_paths(root, manifest)
-    shards = [p for paths in per_bucket.values() for p in paths]
-    jobs = [(p, b) for b, paths in per_bucket.items() for p in paths]
-    with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:  # reads release the GIL
-        results = list(pool.map(lambda j: _index_shard(j[0], j[1], dims, on_error), jobs))
-    buckets: dict[tuple[int, int], list[tuple[int, dict]]] = {b: [] for b in per_bucket}
-    skipped: list[str] = []
-    number = {p: i for i, p in enumerate(shards)}
-    for (p, b), (recs, skip) in zip(jobs, results):
-        buckets[b] += [(number[p], r) for r in recs]
-        skipped += skip
-    out = {b: _bucket_index(b, rows) for b, rows in buckets.items() if rows}
-    return SampleIndex(root, manifest, shards, out, *dims, skipped=skipped)
+def build_index(
+    root: str | Path | Layout,
+    on_error: str = "raise",
+    threads: int = 8,
+    *,
+    values: bool = False,
+    streaming: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> SampleIndex:
+    """The sample index of a ``data.path`` (same buckets, order and positions as ``read_all``), every sample
+    checked against the schema; ``values`` also reads every array (NaN/Inf). ``on_error='skip'`` drops broken
+    samples into ``skipped`` (each a ShardError with its ``reason``); data-set problems (manifest counts) go
+    into ``problems`` instead of raising."""
+    layout = root if isinstance(root, Layout) else resolve(root)
+    if on_error != "skip" and layout.problems:
+        raise layout.problems[0]
+    m = layout.manifest
+    rules = Rules.of(m, values, streaming)
+    stop, tally = threading.Event(), Tally(on_error)
+    buckets: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    with ThreadPoolExecutor(max(1, min(threads, len(layout.shards)))) as pool:  # reads release the GIL
+        jobs = [
+            pool.submit(
+                _index_shard,
+                p,
+                layout.members.get(p),
+                layout.listed.get(p, set()),
+                rules,
+                on_error,
+                stop,
+                progress,
+            )
+            for p in layout.shards
+        ]
+        try:
+            for number, (p, job) in enumerate(zip(layout.shards, jobs)):
+                for r in job.result():
+                    if isinstance(r, ShardError):
+                        tally.fail(r)
+                    elif tally.admit(r["id"], str(p)):
+                        buckets.setdefault(r["bucket"], []).append((number, r))
+        except BaseException:
+            stop.set()  # the other shards stop at their next sample
+            raise
+    out = {b: _bucket_index(b, rows) for b, rows in sorted(buckets.items())}
+    return SampleIndex(
+        Path(layout.spec),
+        m,
+        list(layout.shards),
+        out,
+        *rules.dims,
+        skipped=tally.skipped,
+        problems=list(layout.problems),
+        values_checked=values,
+        layout=layout,
+    )
 
 
 def _bucket_index(bucket: tuple[int, int], rows: list[tuple[int, dict]]) -> BucketIndex:
@@ -320,4 +367,48 @@ def _bucket_index(bucket: tuple[int, int], rows: list[tuple[int, dict]]) -> Buck
         keys=[r["key"] for r in recs],
         txt=[r["txt"] for r in recs],
         flip_txt=[r["flip_txt"] for r in recs],
+        f32=np.array([r["f32"] for r in recs], dtype=bool),
+        meta=[r["meta"] for r in recs],
+    )
+
+
+def read_samples(index: SampleIndex) -> dict[tuple[int, int], list[Sample]]:
+    """Every indexed sample, read by offset into host memory (the in-memory backend's input; the same arrays
+    as ``read_all``: fp16, T5 cut to its valid rows)."""
+    fds = [os.open(p, os.O_RDONLY) for p in index.shards]
+    try:
+        return {
+            b: [_read_sample(index, ib, i, fds) for i in range(len(ib))] for b, ib in index.buckets.items()
+        }
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _read_sample(index: SampleIndex, ib: BucketIndex, i: int, fds: list[int]) -> Sample:
+    fd, (h, w) = fds[ib.shard[i]], ib.bucket
+    shapes = [(index.C, h, w), (index.Dd,), (int(ib.t5_rows[i, 0]), index.Dt)]
+    shapes += [shapes[0], shapes[1], (int(ib.t5_rows[i, 1]), index.Dt)]
+    arrays = {}
+    for col, name in enumerate(ARRAYS):
+        if ib.data_off[i, col] < 0:
+            continue
+        dtype = np.dtype(np.float32 if ib.f32 is not None and ib.f32[i, col] else np.float16)
+        shape = shapes[col]
+        if name.startswith("t5"):
+            shape = (int(ib.t5_len[i, col // 3]), shape[1])  # only the valid prefix of padded states
+        raw = pread(fd, int(ib.data_off[i, col]), int(np.prod(shape)) * dtype.itemsize)
+        arrays[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(np.float16)
+    return Sample(
+        id=ib.ids[i],
+        bucket=ib.bucket,
+        latent=arrays["latent"],
+        dino=arrays["dino"],
+        t5=arrays["t5"],
+        txt=ib.txt[i],
+        meta=ib.meta[i] if ib.meta else {},
+        latent_flip=arrays.get("latent_flip"),
+        dino_flip=arrays.get("dino_flip"),
+        t5_flip=arrays.get("t5_flip"),
+        flip_txt=ib.flip_txt[i],
     )

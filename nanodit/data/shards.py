@@ -1,6 +1,7 @@
-"""The Stage-2 shard schema: writer, reader and checker for WebDataset tars of precomputed latents.
+"""The Stage-2 shards of this project: the writer, the decode-path reader, and ``check_dir``.
 
-Layout: ``DIR/manifest.json`` and ``DIR/bucket_<h>x<w>/shard-<n>.tar``. One sample per key, fields:
+Layout written: ``DIR/manifest.json`` and ``DIR/bucket_<h>x<w>/shard-<n>.tar``; the keys and rules of a sample
+are in ``schema.py``, the layouts other producers write (and that every reader accepts) in ``layout.py``.
 
     latent.npy        fp16 (16, h, w)   VAE latent, already scaled/shifted as the manifest says
     latent_flip.npy   fp16 (16, h, w)   latent of the flipped image (optional, with the other *_flip)
@@ -10,8 +11,11 @@ Layout: ``DIR/manifest.json`` and ``DIR/bucket_<h>x<w>/shard-<n>.tar``. One samp
     txt, flip.txt     utf-8             captions
     json              {"bucket": [h, w], "id": str, ...}
 
-A sample that breaks the schema raises ``ShardError`` naming the shard, the sample, the key and what is wrong.
-Run ``python -m nanodit.data check DIR`` to print counts per bucket and the first problem found.
+Two readers apply the same per-sample check (``index.check_sample``): the decode path here (``iter_samples``,
+``read_all``: WebDataset records, every array in memory; validation and the tests' reference) and the index
+(``index.build_index``: headers and arrays by offset; ``data check`` and every loader). A sample that breaks the
+schema raises ``ShardError`` naming the shard, the sample, the key and what is wrong. ``python -m nanodit.data
+check DIR`` reads every sample and prints counts per bucket and the problems found.
 """
 
 from __future__ import annotations
@@ -19,41 +23,12 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-MANIFEST = "manifest.json"
-FORMAT = "nanodit-shards/1"
-REQUIRED = ("latent.npy", "dino.npy", "t5.npy", "json")
-FLIP_KEYS = ("latent_flip.npy", "dino_flip.npy", "t5_flip.npy")
-FORBIDDEN_EXT = (".pth", ".pt", ".pkl", ".pickle")
-
-
-class ShardError(ValueError):
-    """A shard or sample that breaks the schema; the message is one line."""
-
-
-@dataclass
-class Sample:
-    """One decoded sample; arrays are numpy fp16, T5 states unpadded (L, Dt)."""
-
-    id: str
-    bucket: tuple[int, int]
-    latent: np.ndarray
-    dino: np.ndarray
-    t5: np.ndarray
-    txt: str
-    meta: dict
-    latent_flip: np.ndarray | None = None
-    dino_flip: np.ndarray | None = None
-    t5_flip: np.ndarray | None = None
-    flip_txt: str | None = None
-
-    @property
-    def has_flip(self) -> bool:
-        return self.latent_flip is not None
+from nanodit.data.layout import FORMAT, MANIFEST, Layout, load_manifest, resolve, shard_paths  # noqa: F401
+from nanodit.data.schema import FLIP_KEYS, FORBIDDEN_EXT, REQUIRED, Sample, ShardError, Tally  # noqa: F401
 
 
 def bucket_name(h: int, w: int) -> str:
@@ -112,7 +87,7 @@ class ShardWriter:
     def _finish(self, bucket: tuple[int, int]) -> None:
         self.writers[bucket].close()
         if self.write_index:
-            from nanodit.data.index import write_wds_index
+            from nanodit.data.tars import write_wds_index
 
             write_wds_index(self.out / self.shards[bucket][-1])
 
@@ -170,127 +145,32 @@ class ShardWriter:
 
 
 # ---------------------------------------------------------------------------------------------
-# reader
+# reader (the decode path)
 
 
-def load_manifest(root: str | Path) -> dict:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise ShardError(
-            f"{path}: no manifest.json (is {root} a shard folder? `python -m nanodit.data synth` makes one)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    for key in ("buckets", "dino_dim", "t5_dim"):
-        if key not in manifest:
-            raise ShardError(f"{path}: missing key {key!r}")
-    return manifest
+def decode_sample(raw: dict, url: str, manifest: dict, listed: set | None = None) -> Sample:
+    """Validate and decode one raw WebDataset record (bytes per key) against the schema (``check_sample``,
+    arrays included); ``listed``: the buckets its shard is listed under (empty: any)."""
+    from nanodit.data.index import BytesMembers, Rules, check_sample, sample_arrays
 
-
-def shard_paths(root: str | Path, manifest: dict) -> dict[tuple[int, int], list[Path]]:
-    out = {}
-    for name, entry in manifest["buckets"].items():
-        h, w = (int(v) for v in name.split("x"))
-        paths = [Path(root) / s for s in entry["shards"]]
-        for p in paths:
-            if not p.is_file():
-                raise ShardError(f"{Path(root) / MANIFEST}: bucket {name}: shard {p} does not exist")
-        out[(h, w)] = paths
-    return out
-
-
-def _load_npy(raw: bytes, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except Exception as e:
-        raise ShardError(f"{where}: not a readable .npy without pickles ({str(e).splitlines()[0]})") from None
-
-
-def _check_float(a: np.ndarray, where: str, shape_desc: str, ndim: int) -> np.ndarray:
-    if a.dtype not in (np.float16, np.float32):
-        raise ShardError(f"{where}: dtype {a.dtype}, expected float16 {shape_desc}")
-    if a.ndim != ndim:
-        raise ShardError(f"{where}: shape {a.shape}, expected {shape_desc}")
-    if not np.isfinite(a).all():
-        raise ShardError(f"{where}: contains NaN or Inf")
-    return a.astype(np.float16, copy=False)
-
-
-def decode_sample(raw: dict, url: str, manifest: dict) -> Sample:
-    """Validate and decode one raw WebDataset record (bytes per key) against the schema."""
-    key = raw.get("__key__", "?")
+    rules = Rules.of(manifest, values=True, streaming=False)
+    key = str(raw.get("__key__", "?"))
+    members = BytesMembers(rules.keys.rename({k: v for k, v in raw.items() if not k.startswith("__")}))
+    rec = check_sample(members, url, key, listed or set(), rules)
     at = f"{url}: sample {key}"
-    for k in raw:
-        if k.endswith(FORBIDDEN_EXT):
-            raise ShardError(f"{at}: key {k!r}: pickled tensors are not allowed in shards")
-    for k in REQUIRED:
-        if k not in raw:
-            raise ShardError(f"{at}: missing key {k!r}")
-    try:
-        meta = json.loads(raw["json"])
-        bucket = tuple(int(v) for v in meta["bucket"])
-        sid = str(meta.get("id", key))
-    except Exception as e:
-        raise ShardError(
-            f"{at}: key 'json': {e.__class__.__name__}: needs {{'bucket': [h, w], 'id': ...}}"
-        ) from None
-    C, Dd, Dt = manifest.get("latent_channels", 16), manifest["dino_dim"], manifest["t5_dim"]
-    arrays = {}
-    for k in ("latent.npy", "dino.npy", "t5.npy") + FLIP_KEYS:
-        if k in raw:
-            arrays[k] = _load_npy(raw[k], f"{at}: key {k!r}")
-    present_flip = [k for k in FLIP_KEYS if k in arrays]
-    if present_flip and len(present_flip) != len(FLIP_KEYS):
-        missing = sorted(set(FLIP_KEYS) - set(present_flip))
-        raise ShardError(f"{at}: has {present_flip[0]!r} but not {missing[0]!r} (flip keys come together)")
-    for k in ("latent.npy", "latent_flip.npy"):
-        if k in arrays:
-            a = _check_float(arrays[k], f"{at}: key {k!r}", f"({C}, {bucket[0]}, {bucket[1]})", 3)
-            if a.shape != (C, *bucket):
-                raise ShardError(
-                    f"{at}: key {k!r}: shape {a.shape}, expected ({C}, {bucket[0]}, {bucket[1]})"
-                )
-            arrays[k] = a
-    for k in ("dino.npy", "dino_flip.npy"):
-        if k in arrays:
-            a = _check_float(arrays[k], f"{at}: key {k!r}", f"({Dd},)", 1)
-            if a.shape != (Dd,):
-                raise ShardError(f"{at}: key {k!r}: shape {a.shape}, expected ({Dd},)")
-            arrays[k] = a
-    mask = None
-    if "t5_mask.npy" in raw:
-        mask = _load_npy(raw["t5_mask.npy"], f"{at}: key 't5_mask.npy'").astype(bool).reshape(-1)
-    for k in ("t5.npy", "t5_flip.npy"):
-        if k in arrays:
-            a = _check_float(arrays[k], f"{at}: key {k!r}", f"(L, {Dt})", 2)
-            if a.shape[1] != Dt or a.shape[0] == 0:
-                raise ShardError(f"{at}: key {k!r}: shape {a.shape}, expected (L >= 1, {Dt})")
-            if mask is not None:  # padded states + mask: keep the valid prefix
-                if mask.shape[0] != a.shape[0]:
-                    raise ShardError(
-                        f"{at}: key 't5_mask.npy': length {mask.shape[0]} != {k} length {a.shape[0]}"
-                    )
-                n = int(mask.sum())
-                if n == 0 or not mask[:n].all():
-                    raise ShardError(f"{at}: key 't5_mask.npy': valid tokens must be a non-empty prefix")
-                a = a[:n]
-            arrays[k] = a
-    txt = raw.get("txt", b"").decode("utf-8")
-    flip_txt = raw["flip.txt"].decode("utf-8") if "flip.txt" in raw else None
+    arrays = {k: a.astype(np.float16) for k, a in sample_arrays(members, rec, rules.keys, at).items()}
     return Sample(
-        id=sid,
-        bucket=bucket,
-        latent=arrays["latent.npy"],
-        dino=arrays["dino.npy"],
-        t5=arrays["t5.npy"],
-        txt=txt,
-        meta=meta,
-        latent_flip=arrays.get("latent_flip.npy"),
-        dino_flip=arrays.get("dino_flip.npy"),
-        t5_flip=arrays.get("t5_flip.npy"),
-        flip_txt=flip_txt,
+        id=rec["id"],
+        bucket=rec["bucket"],
+        latent=arrays["latent"],
+        dino=arrays["dino"],
+        t5=arrays["t5"],
+        txt=rec["txt"],
+        meta=rec["meta"],
+        latent_flip=arrays.get("latent_flip"),
+        dino_flip=arrays.get("dino_flip"),
+        t5_flip=arrays.get("t5_flip"),
+        flip_txt=rec["flip_txt"],
     )
 
 
@@ -304,38 +184,48 @@ def iter_raw(path: str | Path) -> Iterator[dict]:
         raise
     except Exception as e:
         raise ShardError(
-            f"{path}: not a readable tar shard ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+            f"{path}: not a readable tar shard ({e.__class__.__name__}: {str(e).splitlines()[0]})",
+            "unreadable",
         ) from None
 
 
-def iter_samples(path: str | Path, manifest: dict, on_error: str = "raise", skipped: list | None = None):
+def iter_samples(
+    path: str | Path,
+    manifest: dict,
+    on_error: str = "raise",
+    skipped: list | None = None,
+    listed: set | None = None,
+):
     """Decoded samples of one shard; with on_error='skip', broken samples are counted in ``skipped``."""
     for raw in iter_raw(path):
         try:
-            yield decode_sample(raw, str(path), manifest)
+            yield decode_sample(raw, str(path), manifest, listed)
         except ShardError as e:
             if on_error != "skip":
                 raise
             if skipped is not None:
-                skipped.append(str(e))
+                skipped.append(e)
 
 
 def read_all(
-    root: str | Path, on_error: str = "raise"
+    root: str | Path | Layout, on_error: str = "raise"
 ) -> tuple[dict, dict[tuple[int, int], list[Sample]], list]:
-    """Every sample of a shard folder, grouped by bucket (in shard order). Returns (manifest, groups, skipped)."""
-    manifest = load_manifest(root)
+    """Every sample of a ``data.path``, grouped by bucket (in shard order). Returns (manifest, groups, skipped):
+    the same samples, positions and errors as ``index.build_index`` + ``index.read_samples``."""
+    layout = root if isinstance(root, Layout) else resolve(root)
+    if on_error != "skip" and layout.problems:
+        raise layout.problems[0]
+    tally = Tally(on_error)
     groups: dict[tuple[int, int], list[Sample]] = {}
-    skipped: list[str] = []
-    for bucket, paths in shard_paths(root, manifest).items():
-        for p in paths:
-            for s in iter_samples(p, manifest, on_error, skipped):
-                if s.bucket != bucket:
-                    raise ShardError(
-                        f"{p}: sample {s.id}: json bucket {list(s.bucket)} but shard is in {bucket}"
-                    )
-                groups.setdefault(bucket, []).append(s)
-    return manifest, groups, skipped
+    for p in layout.shards:
+        for s in iter_samples(p, layout.manifest, "skip", tally.skipped, layout.listed.get(p, set())):
+            if tally.on_error != "skip" and tally.skipped:
+                raise tally.skipped[0]
+            if tally.admit(s.id, str(p)):
+                groups.setdefault(s.bucket, []).append(s)
+        if tally.on_error != "skip" and tally.skipped:
+            raise tally.skipped[0]
+    return layout.manifest, dict(sorted(groups.items())), tally.skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,33 +233,12 @@ def read_all(
 
 
 def check_dir(root: str | Path) -> tuple[dict[str, int], str | None]:
-    """Counts per bucket and the first problem found (None if the folder is clean)."""
-    counts: dict[str, int] = {}
+    """Counts per bucket of the samples that pass every check, and the first problem found (None if clean)."""
+    from nanodit.data.check import check_data
+
     try:
-        manifest = load_manifest(root)
-        seen: set[str] = set()
-        for bucket, paths in shard_paths(root, manifest).items():
-            name = f"{bucket[0]}x{bucket[1]}"
-            counts[name] = 0
-            for p in paths:
-                for s in iter_samples(p, manifest):
-                    if s.bucket != bucket:
-                        return (
-                            counts,
-                            f"{p}: sample {s.id}: json bucket {list(s.bucket)} but shard is in {name}",
-                        )
-                    if s.id in seen:
-                        return counts, f"{p}: sample {s.id}: duplicate id"
-                    if s.t5.shape[0] > manifest.get("t5_max_len", s.t5.shape[0]):
-                        return counts, f"{p}: sample {s.id}: t5 length {s.t5.shape[0]} > manifest t5_max_len"
-                    seen.add(s.id)
-                    counts[name] += 1
-            expected = manifest["buckets"][name].get("count")
-            if expected is not None and expected != counts[name]:
-                return (
-                    counts,
-                    f"{Path(root) / MANIFEST}: bucket {name}: manifest says {expected} samples, shards hold {counts[name]}",
-                )
+        report = check_data(root, progress=False)
     except ShardError as e:
-        return counts, str(e)
-    return counts, None
+        return {}, str(e)
+    first = report.first_problem()
+    return report.counts, (str(first) if first is not None else None)

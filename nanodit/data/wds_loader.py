@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 
 import numpy as np
@@ -54,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from nanodit.data.index import ARRAYS, DINO, LATENT, T5, SampleIndex
 from nanodit.data.loader import ScheduledLoader, Semantics, pad_packed, padded_length, sample_flags, upcoming
-from nanodit.data.shards import ShardError
+from nanodit.data.schema import ShardError, all_finite
 
 _ALIGN = 4096  # slot regions start on page boundaries: whole pages per DMA, no false sharing between regions
 
@@ -85,11 +86,9 @@ def _read_into(fd: int, offset: int, out: torch.Tensor, where: str) -> None:
 
 
 def finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in a CPU fp16 tensor, i.e. no exponent field of all ones: as int16 no value >= 0x7C00 (positive
-    Inf/NaN), as uint16 none >= 0xFC00 (negative). Two reductions at memory speed, no temporaries (~10 GB/s on
-    one core; torch.isfinite on CPU fp16 is ~20x slower, a masked copy allocates and faults in fresh pages)."""
-    a = t.numpy()
-    return a.size == 0 or (int(a.view(np.int16).max()) < 0x7C00 and int(a.view(np.uint16).max()) < 0xFC00)
+    """No NaN/Inf in a CPU fp16 tensor (``schema.all_finite``: a bit test at memory speed, ~20x faster than
+    torch.isfinite on CPU fp16)."""
+    return all_finite(t.numpy())
 
 
 def _clear_cuda_error() -> bool:
@@ -314,6 +313,14 @@ class _Schedule(Sampler):
                 yield epoch, index, bucket, tuple(idx), self.ring.acquire(seq)
 
 
+def _worker_signals(worker_id: int) -> None:
+    """Workers ignore SIGINT and SIGTERM: a Ctrl-C or a scheduler's SIGTERM reaches the whole process group,
+    and a worker that died of it would make the main process raise (torch's SIGCHLD handler) in the middle of
+    the step it is finishing before it saves. The main process stops the workers itself (``close``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _batch(latent, dino, t5, mask, flags, raw: dict, epoch: int) -> dict:
     """The batch dict every loader yields (flags rows: flipped, drop_text, drop_dino)."""
     return {
@@ -383,6 +390,10 @@ class WebDatasetLoader(ScheduledLoader):
             num_workers=workers,
             pin_memory=cuda and not self.slots,  # slots are page-locked themselves
             prefetch_factor=self.prefetch if workers else None,
+            worker_init_fn=_worker_signals,
+            # the workers' base seed is drawn from this, not from the global RNG: restarting the workers
+            # (a resume) must leave the global RNG where the uninterrupted run has it (workers draw nothing)
+            generator=torch.Generator().manual_seed(0),
         )
         self._it, self._owner = iter(dl), os.getpid()  # a forked worker's copy of this loader owns nothing
         if self._ring is not None and cuda:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nanodit.data.shards import Sample, iter_samples, load_manifest, shard_paths
+from nanodit.data.layout import resolve
+from nanodit.data.schema import Sample, parse_bucket
+from nanodit.data.shards import iter_samples
 from nanodit.data.synth import Scene, dino_swap_pairs
 
 SHAPES_CODEC = "shapes-s2d"
@@ -107,21 +109,24 @@ def select_cases(groups: dict[tuple[int, int], list[Sample]], n: int, shapes: bo
 def read_val_samples(
     root: str | Path, n: int, on_error: str = "raise"
 ) -> tuple[dict, dict[tuple[int, int], list[Sample]]]:
-    """(manifest, {bucket: samples}) with at most max(4n, 32) samples per bucket, read from the start of the
-    bucket's shards: enough candidates for ``n`` cases per test (and telling swap pairs) without reading a
-    large data set into memory."""
-    manifest = load_manifest(root)
-    limit = max(4 * n, 32)
+    """(manifest, {bucket: samples}) with at most max(4n, 32) samples per bucket, read in shard order from the
+    start of ``data.path`` (any layout ``data.layout`` accepts; a tar may hold several buckets): enough
+    candidates for ``n`` cases per test (and telling swap pairs) without reading a large data set."""
+    layout = resolve(root)
+    if on_error != "skip" and layout.problems:
+        raise layout.problems[0]
+    limit, buckets = max(4 * n, 32), set(_listed_buckets(layout))
     groups: dict[tuple[int, int], list[Sample]] = {}
-    for bucket, paths in shard_paths(root, manifest).items():
-        got: list[Sample] = []
-        for path in paths:
-            for s in iter_samples(path, manifest, on_error):
+    for path in layout.shards:
+        if all(len(groups.get(b, [])) >= limit for b in buckets):
+            break
+        for s in iter_samples(path, layout.manifest, on_error, listed=layout.listed.get(path, set())):
+            got = groups.setdefault(s.bucket, [])
+            if len(got) < limit:
                 got.append(s)
-                if len(got) >= limit:
-                    break
-            if len(got) >= limit:
-                break
-        if got:
-            groups[bucket] = got
-    return manifest, groups
+    return layout.manifest, dict(sorted(groups.items()))
+
+
+def _listed_buckets(layout) -> list[tuple[int, int]]:
+    """The buckets a resolved layout's manifest lists."""
+    return [parse_bucket(name) for name in layout.manifest["buckets"]]

@@ -1,0 +1,200 @@
+"""The run folder's bookkeeping: the folder itself, ``metrics.jsonl`` (+ TensorBoard), the loss window between
+log rows, and what a resumed run carries over so that its records read as one uninterrupted run.
+
+- ``prepare_run_dir``: the folder and ``checkpoints/`` are created and proven writable before any work (a
+  one-line ``RunDirError`` otherwise), and temp files that a killed run left behind are removed;
+- ``MetricsLogger``: one JSON row per log step; opened at a resumed step, it first drops the rows after that
+  step (the killed run logged them, the resumed run logs them again) and a torn last line, and TensorBoard
+  purges its events after that step, so every step appears once;
+- ``LossWindow``: device-side sums over the steps since the last row (no host sync until the row is written);
+  its state goes into every checkpoint, so a run stopped between two log steps writes the same next row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used; the message is one line."""
+
+
+def prepare_run_dir(run_dir: Path) -> list[Path]:
+    """Create ``run_dir`` and ``checkpoints/``, prove both writable, remove stale ``*.tmp`` files in both
+    (returned). Raises RunDirError naming the folder."""
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for d in (run_dir, ckpt_dir):
+            probe = d / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as e:
+        raise RunDirError(
+            f"run.dir={run_dir}: cannot write there ({e.strerror or e}: {e.filename or run_dir})"
+        ) from None
+    # a temp file is never a checkpoint (only a completed rename makes one, checkpoint.py), nor a config,
+    # summary or metrics file (write_atomic): what a killed run left of one goes
+    stale = sorted(
+        p for d in (ckpt_dir, run_dir) for p in d.iterdir() if p.name.endswith(".tmp") and p.is_file()
+    )
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (and drop a torn line); returns how many went."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and int(row.get("step", step + 1)) <= step
+        except (ValueError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_atomic(path, "".join(line + "\n" for line in keep))
+    return dropped
+
+
+def first_logged_loss(path: Path) -> float | None:
+    """The first training loss in ``metrics.jsonl`` (a run resumed from a checkpoint that predates the key)."""
+    if not path.is_file():
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
+            return float(row["loss"])
+    return None
+
+
+class MetricsLogger:
+    """Metrics to ``metrics.jsonl`` in the run folder and to TensorBoard, from ``start_step`` on."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int = 0):
+        self.dropped = truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events at or after it (logged by a run that was killed later) are dropped
+            self.tb = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+                elif isinstance(v, dict):  # e.g. skipped samples by reason
+                    for kk, vv in v.items():
+                        if isinstance(vv, (int, float)):
+                            self.tb.add_scalar(f"{k}/{kk}", vv, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class LossWindow:
+    """Sums over the steps since the last log row: loss and per-t-bin losses on the device, counts on the host.
+    Non-finite steps (``ok`` False) add nothing but are counted."""
+
+    def __init__(self, device: torch.device, bins: int):
+        self.loss = torch.zeros((), device=device)
+        self.bins = torch.zeros(2, bins, device=device)
+        self.steps, self.samples, self.wait = 0, 0, 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, stats: dict, ok: torch.Tensor, samples: int) -> None:
+        self.loss += torch.where(ok, loss.detach(), 0.0)  # bitwise the loss when it is finite
+        self.bins += torch.where(ok, torch.stack([stats["bin_sum"], stats["bin_count"]]), 0.0)
+        self.steps += 1
+        self.samples += samples
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.bins.zero_()
+        self.steps, self.samples, self.wait = 0, 0, 0.0
+        self.t0 = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        return {
+            "loss": self.loss.cpu(),
+            "bins": self.bins.cpu(),
+            "steps": self.steps,
+            "samples": self.samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.copy_(state["loss"])
+        self.bins.copy_(state["bins"])
+        self.steps, self.samples = int(state["steps"]), int(state["samples"])
+
+
+def log_row(window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: int) -> dict:
+    """The metrics row of a log step: means over the window's finite steps (loss None if it had none), and
+    how many were not finite (only when some were: rows stay as they were otherwise)."""
+    elapsed = time.perf_counter() - window.t0
+    good = window.steps - len(bad)
+    row = {
+        "loss": window.loss.item() / good if good else None,
+        "lr": lr,
+        "samples_per_s": window.samples / elapsed,
+        "ms_per_step": 1000 * elapsed / window.steps,
+        "epoch": epoch,
+        "data_wait_frac": window.wait / elapsed,
+    }
+    if gnorm is not None:
+        row["grad_norm"] = float(gnorm)
+    bs, bc = window.bins.tolist()
+    for i in range(bins):
+        if bc[i] > 0:
+            row[f"loss_t{i / bins:.1f}"] = bs[i] / bc[i]
+    if bad:
+        row["nonfinite_steps"] = len(bad)
+    return row
+
+
+def data_line(loader) -> str:
+    """What the loader holds: the samples that passed the check (not the manifest's count), what was skipped."""
+    from nanodit.data.schema import skip_counts
+
+    n = sum(loader.counts.values())
+    buckets = ", ".join(f"{h}x{w}" for h, w in sorted(loader.counts))
+    line = (
+        f"data: {loader.root} ({n} samples, buckets {buckets}, {loader.batches_per_epoch} batches/epoch), "
+        f"loader {loader.name} ({loader.reason})"
+    )
+    if loader.checked == "stamp":
+        line += "; arrays vouched for by the data check's stamp"
+    if loader.skipped:
+        reasons = ", ".join(f"{k}: {v}" for k, v in skip_counts(loader.skipped).items())
+        line += f"; skipped {len(loader.skipped)} of {n + len(loader.skipped)} samples ({reasons}), first: {loader.skipped[0]}"
+    return line
