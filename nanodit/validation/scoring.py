@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import nanodit.validation.metrics as metrics
 from nanodit.data.synth import (
     Scene,
     lighting_matches,
@@ -24,7 +25,6 @@ from nanodit.data.synth import (
     score_text_manip,
     text_manip_target,
 )
-from nanodit.validation import metrics
 from nanodit.validation.cases import TESTS, Case
 from nanodit.validation.tools import Tools
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import nanodit.validation.report as report
 from nanodit.config import Config, ConfigError, ValConfig
 from nanodit.data.shards import Sample
 from nanodit.device import autocast_for, device_name
 from nanodit.model import build_model
 from nanodit.provenance import code_version
-from nanodit.validation import report
 from nanodit.validation.cases import has_scenes, select_cases
 from nanodit.validation.criteria import build_criteria, decide, warnings_for
 from nanodit.validation.metrics import loss_ratio, read_loss_bins, read_loss_log
