@@ -4,8 +4,9 @@
     python -m nanodit.train --config configs/nano.yaml run.dir=runs/nano train.precision=bf16
     python -m nanodit.train --config smoke run.dir=runs/smoke train.resume=auto
 
-The story: config -> device -> run folder -> data -> model -> objective -> optimizer/EMA -> compile ->
-resume -> loop (log, checkpoint, validate) -> teardown (final checkpoint, final report).
+The story, one function each: ``setup`` (config -> device -> run folder -> data -> model -> optimizer/EMA ->
+validator -> compile -> resume), ``loop`` (``train_step``, ``log_step``, checkpoint, validate, stop), ``teardown``
+(final checkpoint, final validation with the self-test, summary, the last lines).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,18 +71,136 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     SIGINT/SIGTERM stop it the same way and raise ``Interrupted`` (nanodit/signals.py).
     """
     with GracefulStop() as stop:
-        return _train(cfg, quiet, stop_after, stop)
+        run = setup(cfg, (lambda *a: None) if quiet else print, progress=cfg.run.progress and not quiet)
+        if not loop(run, stop, stop_after):
+            return {"run_dir": str(run.dir), "steps": run.step, "interrupted": True}
+        return teardown(run)
 
 
-def _train(cfg: Config, quiet: bool, stop_after: int | None, stop: GracefulStop) -> dict:
-    say = (lambda *a: None) if quiet else print
+@dataclass
+class Run:
+    """Everything a training job holds: built by ``setup``, advanced by ``loop``, closed by ``teardown``."""
 
-    # ---- device and precision ----------------------------------------------------------------
+    cfg: Config
+    say: Callable
+    progress: bool  # progress bars (the data check's and the training bar)
+    device: torch.device
+    autocast: object
+    dir: Path
+    manifest: dict
+    loader: object
+    model: torch.nn.Module
+    fwd: torch.nn.Module  # the model as called in the step (compiled, or the model itself)
+    generator: torch.Generator
+    optim: torch.optim.Optimizer
+    ema: EMA
+    guard: StepGuard
+    validator: Validator | None
+    cudagraphs: bool
+    skipped: dict  # samples the loader skipped, by reason (data.on_error=skip)
+    step: int = 0
+    book: dict = field(default_factory=dict)  # carried over a resume: loss window, first loss, bad steps
+    metrics: MetricsLogger | None = None
+    window: LossWindow | None = None
+    bar: object = None
+    prof: StepProfiler | None = None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    nonfinite_total: int = 0
+    rows_logged: int = 0
+    saved: dict = field(default_factory=dict)  # step -> checkpoint path written by this process
+
+    def state(self, at: int) -> dict:
+        """The complete resume state at step ``at``."""
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optim": self.optim.state_dict(),
+            "step": at,
+            "rng": rng_state(self.generator),
+            "loader": self.loader.state_dict(),
+            "config": to_dict(self.cfg),
+            "manifest": self.manifest,
+            "log": {
+                "window": self.window.state_dict(),
+                "first_loss": self.first_loss,
+                "nonfinite_steps": self.nonfinite_total,
+            },
+        }
+
+    def checkpoint(self, at: int) -> Path:
+        if at not in self.saved:  # a stop right after a periodic save reuses it
+            self.saved[at] = save_checkpoint(
+                self.dir, at, self.state(at), keep=self.cfg.train.keep_checkpoints
+            )
+        return self.saved[at]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        self.loader.close()
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, say: Callable, progress: bool) -> Run:
+    """config -> device -> run folder -> data -> model -> optimizer/EMA -> validator -> compile -> resume."""
     device = pick_device(cfg.train.device)
     autocast = set_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
+    run_dir, resume_from, state = _run_folder(cfg, device, say)
 
-    # ---- run folder ---------------------------------------------------------------------------
+    manifest, loader = build_loader(cfg, device, progress=progress)
+    say(data_line(loader))
+    for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
+        say(f"warning: {problem}")
+
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
+    say(
+        f"model: {cfg.model.size} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"kernels={cfg.model.kernels}, attention={cfg.model.attention}, precision={cfg.train.precision}, "
+        f"compile={cfg.train.compile}, device={device}"
+    )
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    optim = build_optimizer(model, cfg.train, device)
+    ema = EMA(model)
+    guard = StepGuard(optim)  # a non-finite step is masked on the device (nanodit/nonfinite.py)
+
+    # validation: the run's judge, built once from its config, manifest and samples
+    validator = None
+    if cfg.val.every or cfg.val.at_end:
+        _, val_groups = read_val_samples(loader.root, cfg.val.samples, cfg.data.on_error)
+        validator = Validator(cfg, manifest, val_groups, device)
+
+    fwd, cudagraphs = _compile(cfg, model, device)
+    run = Run(
+        cfg=cfg,
+        say=say,
+        progress=progress,
+        device=device,
+        autocast=autocast,
+        dir=run_dir,
+        manifest=manifest,
+        loader=loader,
+        model=model,
+        fwd=fwd,
+        generator=generator,
+        optim=optim,
+        ema=ema,
+        guard=guard,
+        validator=validator,
+        cudagraphs=cudagraphs,
+        skipped=skip_counts(loader.skipped),
+    )
+    if state is not None:
+        _resume(run, state, resume_from)
+    return run
+
+
+def _run_folder(cfg: Config, device: torch.device, say: Callable) -> tuple[Path, Path | None, dict | None]:
+    """The run folder, proven writable, and the checkpoint to resume from (checked against the model)."""
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
     stale = prepare_run_dir(run_dir)  # before any work: a folder that cannot be written is one line
     if stale:
@@ -90,225 +211,218 @@ def _train(cfg: Config, quiet: bool, stop_after: int | None, stop: GracefulStop)
         raise TrainError(
             f"run.dir={run_dir} already holds checkpoints; pass train.resume=auto to continue it or pick a new run.dir"
         )
-    resume_from, state = pick_checkpoint(run_dir, cfg.train.resume, device, say)
+    resume_from, state = pick_checkpoint(
+        run_dir, cfg.train.resume, torch.device(pick_device(cfg.train.device)), say
+    )
     if state is not None:
         check_compatible(state, cfg)  # the model's shape, before the data is read
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    return run_dir, resume_from, state
 
-    # ---- data ---------------------------------------------------------------------------------
-    manifest, loader = build_loader(cfg, device, progress=cfg.run.progress and not quiet)
-    say(data_line(loader))
-    for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
-        say(f"warning: {problem}")
 
-    # ---- model and objective ------------------------------------------------------------------
-    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(
-        f"model: {cfg.model.size} {n_params / 1e6:.1f}M params, kernels={cfg.model.kernels}, "
-        f"attention={cfg.model.attention}, precision={cfg.train.precision}, compile={cfg.train.compile}, device={device}"
-    )
-    flow_loss = model.ops.flow_loss
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-
-    # ---- optimizer and EMA --------------------------------------------------------------------
-    optim = build_optimizer(model, cfg.train, device)
-    ema = EMA(model)
-    guard = StepGuard(optim)  # a non-finite step is masked on the device (nanodit/nonfinite.py)
-
-    # ---- validation: the run's judge, built once from its config, manifest and samples -------
-    validator = None
-    if cfg.val.every or cfg.val.at_end:
-        _, val_groups = read_val_samples(loader.root, cfg.val.samples, cfg.data.on_error)
-        validator = Validator(cfg, manifest, val_groups, device)
-
-    # ---- compile (checkpoints always hold the uncompiled module) ------------------------------
-    fwd = model
+def _compile(cfg: Config, model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, bool]:
+    """(what the step calls, whether it runs as CUDA graphs); checkpoints always hold the uncompiled module."""
     cudagraphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
-    if cfg.train.compile:
-        # one graph per bucket shape (and per last-batch size and caption length, until dynamo marks those
-        # dims dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-        if cfg.train.compile_scope == "blocks":
-            # regional compilation: every block runs the same compiled code (dynamo lifts the parameters to
-            # inputs), so the cold start compiles one block per shape instead of the whole network; the rest
-            # of the forward (embedders, final layer) stays eager. In place: state_dict keys are unchanged.
-            for block in model.blocks:
-                block.compile(mode=mode)
-        else:
-            fwd = torch.compile(model, mode=mode)
+    if not cfg.train.compile:
+        return model, cudagraphs
+    # one graph per bucket shape (and per last-batch size and caption length, until dynamo marks those dims
+    # dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+    if cfg.train.compile_scope == "model":
+        return torch.compile(model, mode=mode), cudagraphs
+    # regional compilation: every block runs the same compiled code (dynamo lifts the parameters to inputs), so
+    # the cold start compiles one block per shape instead of the whole network; the rest of the forward
+    # (embedders, final layer) stays eager. In place: state_dict keys are unchanged.
+    for block in model.blocks:
+        block.compile(mode=mode)
+    return model, cudagraphs
 
-    # ---- resume -------------------------------------------------------------------------------
-    step, book = 0, {}
-    if state is not None:
-        for warning in check_compatible(state, cfg, manifest):
-            say(warning)
-        load_into(state, model, ema, optim, resume_from)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"], generator)
-        step = int(state["step"])
-        book = state.get("log", {})  # the loss window and the run's first loss (runlog.py)
-        say(f"resume: {resume_from} (step {step})")
-        del state
 
-    # ---- loop ---------------------------------------------------------------------------------
-    metrics = MetricsLogger(run_dir, cfg.run.tensorboard, step)  # rows after the resumed step go
-    t = cfg.train
-    bar = None
-    if cfg.run.progress and not quiet:
-        from tqdm import tqdm
+def _resume(run: Run, state: dict, path: Path) -> None:
+    for warning in check_compatible(state, run.cfg, run.manifest):
+        run.say(warning)
+    load_into(state, run.model, run.ema, run.optim, path)
+    run.loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"], run.generator)
+    run.step = int(state["step"])
+    run.book = state.get("log", {})  # the loss window and the run's first loss (runlog.py)
+    run.say(f"resume: {path} (step {run.step})")
 
-        bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    window = LossWindow(device, t.loss_bins)
-    if "window" in book:
-        window.load_state_dict(book["window"])
-    first_loss = book.get("first_loss", first_logged_loss(run_dir / "metrics.jsonl") if step else None)
-    last_loss, nonfinite_total, saved, rows_logged = None, int(book.get("nonfinite_steps", 0)), {}, 0
-    skipped = skip_counts(loader.skipped)
 
-    def state_now(at: int) -> dict:
-        return {
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optim": optim.state_dict(),
-            "step": at,
-            "rng": rng_state(generator),
-            "loader": loader.state_dict(),
-            "config": to_dict(cfg),
-            "manifest": manifest,
-            "log": {
-                "window": window.state_dict(),
-                "first_loss": first_loss,
-                "nonfinite_steps": nonfinite_total,
-            },
-        }
+# ---- the loop ---------------------------------------------------------------------------------
 
-    def checkpoint(at: int) -> Path:
-        if at not in saved:  # a stop right after a periodic save reuses it
-            saved[at] = save_checkpoint(run_dir, at, state_now(at), keep=t.keep_checkpoints)
-        return saved[at]
 
-    def close_all() -> None:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-        loader.close()
-
-    prof = StepProfiler(run_dir / "profile", t.profile_start, t.profile_steps, device)
+def loop(run: Run, stop: GracefulStop, stop_after: int | None = None) -> bool:
+    """Train from ``run.step`` to ``train.steps``: step, log, checkpoint, validate. False when stopped early by
+    ``stop_after``; a signal saves and raises ``Interrupted``; a non-finite step under ``stop`` raises."""
+    cfg, t = run.cfg, run.cfg.train
+    _open_records(run)
     stop.arm()  # from here a signal stops the run after the current step, with a checkpoint
-    while step < t.steps:
-        prof.at(step)
-        t_wait = time.perf_counter()
-        with prof.region("data"):
-            batch = next(loader)
-        window.wait += time.perf_counter() - t_wait  # host time in the loader (async copies excluded)
-        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.steps)
-        for g in optim.param_groups:
-            g["lr"] = lr
-        if cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
-        with prof.region("forward+loss"):
-            loss, stats = training_loss(
-                fwd, batch, flow_loss, generator, t.t_mean, t.t_std, t.loss_bins, autocast, t.t_shift
-            )
-        with prof.region("backward"):
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
-            )
-        with prof.region("optimizer"):
-            ok = guard.check(loss, gnorm if gnorm is not None else grad_norm(model.parameters()))
-            guard.step(ok, step + 1, batch["ids"])  # masked on the device where not ok: no host sync
-        with prof.region("ema"):
-            ema.update(model, ema_decay_at(step, t.ema_decay, t.ema_warmup_steps))
-        step += 1
-        window.add(loss, stats, ok, batch["latent"].shape[0])
-
-        if step % t.log_every == 0 or step == t.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            bad = guard.read()  # the window's finite flags, in one transfer
-            nonfinite_total += len(bad)
-            row = log_row(window, bad, lr, gnorm, loader.state_dict()["epoch"], t.loss_bins)
-            if skipped and not rows_logged:
-                row["data_skipped"] = skipped  # samples skipped by reason, in this process's first row
-            rows_logged += 1
-            mean_loss = row["loss"]
-            if mean_loss is not None:
-                first_loss = mean_loss if first_loss is None else first_loss
-                last_loss = mean_loss
-            metrics.log(step, row)
-            if bar is not None and mean_loss is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
-            window.reset()
-            if bad and t.on_nonfinite == "stop":
-                kept = save_state(
-                    run_dir / "nonfinite" / f"ckpt-{step:08d}.pt", {**state_now(step), "nonfinite": bad}
-                )
-                close_all()
-                raise TrainError(stop_message(bad, step, kept))
-            if bad:
-                say(
-                    f"step {step}: skipped {len(bad)} non-finite step(s) ({', '.join(str(s) for s, _ in bad[:5])})"
-                )
-        if bar is not None:
-            bar.update(1)
-        if step % t.ckpt_every == 0 and step < t.steps:
-            checkpoint(step)
-        if stop_after is not None and step >= stop_after:
-            checkpoint(step)
-            close_all()
-            return {"run_dir": str(run_dir), "steps": step, "interrupted": True}
+    while run.step < t.steps:
+        lr, gnorm = train_step(run)
+        if run.step % t.log_every == 0 or run.step == t.steps:
+            log_step(run, lr, gnorm)
+        if run.bar is not None:
+            run.bar.update(1)
+        if run.step % t.ckpt_every == 0 and run.step < t.steps:
+            run.checkpoint(run.step)
+        if stop_after is not None and run.step >= stop_after:
+            run.checkpoint(run.step)
+            run.close()
+            return False
         if stop.requested is not None:  # SIGINT / SIGTERM: this step is done; save it and go
-            path = checkpoint(step)
-            close_all()
+            path = run.checkpoint(run.step)
+            run.close()
             raise Interrupted(
                 stop.requested,
-                f"interrupted by {signal_name(stop.requested)} after step {step}: checkpoint {path} "
+                f"interrupted by {signal_name(stop.requested)} after step {run.step}: checkpoint {path} "
                 "(continue with train.resume=auto)",
             )
-        if validator is not None and cfg.val.every and step % cfg.val.every == 0 and step < t.steps:
-            validate_ema(validator, ema, run_dir, step, metrics, say)
-            window.t0 = time.perf_counter()
+        if (
+            run.validator is not None
+            and cfg.val.every
+            and run.step % cfg.val.every == 0
+            and run.step < t.steps
+        ):
+            validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, run.say)
+            run.window.t0 = time.perf_counter()
+    return True
 
-    # ---- teardown -----------------------------------------------------------------------------
-    if bar is not None:
-        bar.close()
-    prof.close(step)
-    final = checkpoint(step)
+
+def _open_records(run: Run) -> None:
+    """metrics.jsonl (rows after a resumed step go), the loss window, the progress bar, the profiler."""
+    t = run.cfg.train
+    run.metrics = MetricsLogger(run.dir, run.cfg.run.tensorboard, run.step)
+    if run.progress:
+        from tqdm import tqdm  # imported only where a bar is drawn
+
+        run.bar = tqdm(total=t.steps, initial=run.step, desc="train", dynamic_ncols=True)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    run.window = LossWindow(run.device, t.loss_bins)
+    if "window" in run.book:
+        run.window.load_state_dict(run.book["window"])
+    first = run.book.get("first_loss", first_logged_loss(run.dir / "metrics.jsonl") if run.step else None)
+    run.first_loss, run.nonfinite_total = first, int(run.book.get("nonfinite_steps", 0))
+    run.prof = StepProfiler(run.dir / "profile", t.profile_start, t.profile_steps, run.device)
+
+
+def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
+    """One optimisation step: batch -> flow-matching loss -> backward -> clipped, guarded AdamW -> EMA.
+    Returns (learning rate, gradient norm or None); nothing here waits for the GPU."""
+    t, prof = run.cfg.train, run.prof
+    prof.at(run.step)
+    t_wait = time.perf_counter()
+    with prof.region("data"):
+        batch = next(run.loader)
+    run.window.wait += time.perf_counter() - t_wait  # host time in the loader (async copies excluded)
+    lr = lr_at(run.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+    for g in run.optim.param_groups:
+        g["lr"] = lr
+    if run.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
+    with prof.region("forward+loss"):
+        loss, stats = training_loss(
+            run.fwd,
+            batch,
+            run.model.ops.flow_loss,
+            run.generator,
+            t.t_mean,
+            t.t_std,
+            t.loss_bins,
+            run.autocast,
+            t.t_shift,
+        )
+    with prof.region("backward"):
+        run.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        params = run.model.parameters()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+    with prof.region("optimizer"):
+        ok = run.guard.check(loss, gnorm if gnorm is not None else grad_norm(run.model.parameters()))
+        run.guard.step(ok, run.step + 1, batch["ids"])  # masked on the device where not ok: no host sync
+    with prof.region("ema"):
+        run.ema.update(run.model, ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps))
+    run.step += 1
+    run.window.add(loss, stats, ok, batch["latent"].shape[0])
+    return lr, gnorm
+
+
+def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
+    """The log row of the window since the last one (the one host sync of a log interval), and what a
+    non-finite step means under ``train.on_nonfinite``."""
+    t, step = run.cfg.train, run.step
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    bad = run.guard.read()  # the window's finite flags, in one transfer
+    run.nonfinite_total += len(bad)
+    row = log_row(run.window, bad, lr, gnorm, run.loader.state_dict()["epoch"], t.loss_bins)
+    if run.skipped and not run.rows_logged:
+        row["data_skipped"] = run.skipped  # samples skipped by reason, in this process's first row
+    run.rows_logged += 1
+    if row["loss"] is not None:
+        run.first_loss = row["loss"] if run.first_loss is None else run.first_loss
+        run.last_loss = row["loss"]
+    run.metrics.log(step, row)
+    if run.bar is not None and row["loss"] is not None:
+        run.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
+    run.window.reset()
+    if bad and t.on_nonfinite == "stop":
+        kept = save_state(
+            run.dir / "nonfinite" / f"ckpt-{step:08d}.pt", {**run.state(step), "nonfinite": bad}
+        )
+        run.close()
+        raise TrainError(stop_message(bad, step, kept))
+    if bad:
+        run.say(
+            f"step {step}: skipped {len(bad)} non-finite step(s) ({', '.join(str(s) for s, _ in bad[:5])})"
+        )
+
+
+# ---- teardown ---------------------------------------------------------------------------------
+
+
+def teardown(run: Run) -> dict:
+    """Final checkpoint, the final validation (with the self-test), summary.json and the last lines."""
+    if run.bar is not None:
+        run.bar.close()
+        run.bar = None
+    run.prof.close(run.step)
+    final = run.checkpoint(run.step)
+    device = run.device
     summary = {
-        "run_dir": str(run_dir),
-        "steps": step,
-        "first_logged_loss": first_loss,
-        "last_logged_loss": last_loss,
+        "run_dir": str(run.dir),
+        "steps": run.step,
+        "first_logged_loss": run.first_loss,
+        "last_logged_loss": run.last_loss,
         "checkpoint": str(final),
-        "data": {"samples": sum(loader.counts.values()), "skipped": skipped, "checked": loader.checked},
-        "nonfinite_steps": nonfinite_total,
-        "params": n_params,
+        "data": {
+            "samples": sum(run.loader.counts.values()),
+            "skipped": run.skipped,
+            "checked": run.loader.checked,
+        },
+        "nonfinite_steps": run.nonfinite_total,
+        "params": sum(p.numel() for p in run.model.parameters()),
         "code": code_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    if prof.summary is not None:
-        summary["profile"] = prof.summary
-        say(f"profile: {run_dir / 'profile'} (trace.json, summary.txt)")
+    if run.prof.summary is not None:
+        summary["profile"] = run.prof.summary
+        run.say(f"profile: {run.dir / 'profile'} (trace.json, summary.txt)")
     report = None
-    if validator is not None and cfg.val.at_end:
-        report = validate_ema(validator, ema, run_dir, step, metrics, say, final=True)
+    if run.validator is not None and run.cfg.val.at_end:
+        report = validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, run.say, final=True)
         if report is not None:  # the scores themselves are in the report folder's scores.json
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
-    metrics.close()
-    loader.close()
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    say(f"done: {step} steps, loss {first_loss} -> {last_loss}")
-    say(f"run folder: {run_dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
+    run.close()
+    write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
+    run.say(f"done: {run.step} steps, loss {run.first_loss} -> {run.last_loss}")
+    run.say(f"run folder: {run.dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
     if report is not None:
         for line in decision_lines(report["scores"], report["path"]):
-            say(line)
+            run.say(line)
     return summary
 
 
