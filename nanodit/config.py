@@ -10,6 +10,7 @@ the run folder and as a dict in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,40 @@ def check(cfg: Config) -> Config:
 def _printable(text: str) -> str:
     """Control characters (a newline in a key, say) escaped: an error stays on one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The comment on (or above) each field of a config dataclass in its source: the field's description."""
+    comments, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.*))?$", stripped)
+        if m:
+            comments[m.group(1)] = " ".join([*above, m.group(2) or ""]).strip()
+        above = []
+    return comments
+
+
+def describe(cfg: Config) -> str:
+    """Every config key: ``section.key = value  (type)  description``, one per line (``nanodit config``)."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        notes = _field_comments(type(obj))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):  # a nested group, e.g. data.keys
+                for g in dataclasses.fields(value):
+                    lines.append(f"  {section.name}.{f.name}.{g.name} = {getattr(value, g.name)!r}")
+                continue
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            note = notes.get(f.name, "")
+            lines.append(f"  {section.name}.{f.name} = {value!r}  ({kind})" + (f"  {note}" if note else ""))
+    return "\n".join(lines)
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

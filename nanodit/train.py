@@ -29,7 +29,7 @@ from nanodit.checkpoint import (
     save_state,
     set_rng_state,
 )
-from nanodit.config import Config, ConfigError, load_config, to_dict, to_yaml
+from nanodit.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
 from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
@@ -457,11 +457,14 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m nanodit.train", description="Train NanoDiT by flow matching."
+        prog="nanodit train",
+        description="Train NanoDiT by flow matching, then validate it: the GO / NO-GO report.",
+        epilog="config keys (key=value; the values shown are the defaults):\n" + describe(Config()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
         "--config",
-        help="a YAML file or a bundled name (nano, smoke, production); "
+        help="a YAML file or a bundled name (nano, nano-plan, smoke, production); "
         "default: nano on a GPU, smoke on a CPU",
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 run.dir=runs/x")

@@ -224,3 +224,21 @@ def test_report_explains_itself(tmp_path) -> None:
     assert lines[0] == f"decision: NO-GO  (report: {out / 'report.html'})"
     assert sum(x.startswith("decision:") for x in lines) == 1
     assert "  dino_swap: DINO swap 13/32 passed" in lines and any("WARNING" in x for x in lines)
+
+
+def test_report_without_matplotlib_keeps_every_number(tmp_path, monkeypatch) -> None:
+    """The base install has no matplotlib: the report says the plots are left out and why, the rest is there."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = report.write_report(tmp_path / "r", fake_result(), images())
+    md = (out / "report.md").read_text()
+    assert "matplotlib is not installed" in md and "| loss_ratio |" in md
+    assert not (out / "loss.png").exists() and (out / "recon.png").is_file()

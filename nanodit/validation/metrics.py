@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 PSNR_CAP_DB = 100.0  # identical images: the MSE floor 1e-10 caps PSNR here instead of infinity
 
@@ -22,20 +23,23 @@ PSNR_CAP_DB = 100.0  # identical images: the MSE floor 1e-10 caps PSNR here inst
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1]: 10 log10(1 / MSE), capped at PSNR_CAP_DB."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)  # (B,)
-    return [float(10 * math.log10(1.0 / max(m, 1e-10))) for m in mse.tolist()]
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1] (torchmetrics: 10 log10(1 / MSE)), capped at
+    PSNR_CAP_DB for identical images instead of infinity."""
+    db = peak_signal_noise_ratio(
+        x.float(), y.float(), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )  # (B,)
+    return [min(float(v), PSNR_CAP_DB) for v in db]
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """Per-image SSIM (scikit-image: 7x7 uniform window, or the largest odd one that fits; channels averaged)."""
-    from skimage.metrics import structural_similarity
-
-    out = []
-    for a, b in zip(x.float().cpu().numpy(), y.float().cpu().numpy()):  # (C, H, W) each
-        win = min(7, min(a.shape[1:]) - (1 - min(a.shape[1:]) % 2))  # odd, <= the image side
-        out.append(float(structural_similarity(a, b, channel_axis=0, data_range=1.0, win_size=win)))
-    return out
+    """Per-image SSIM of (B, C, H, W) images in [0, 1] (torchmetrics: an 11x11 Gaussian window of sigma 1.5,
+    or the largest odd one that fits a small image; channels averaged), batched on the images' device."""
+    side = min(x.shape[-2:])
+    k = min(11, side - (1 - side % 2))  # odd, <= the image side
+    out = structural_similarity_index_measure(
+        x.float(), y.float(), data_range=1.0, kernel_size=k, sigma=1.5 * k / 11, reduction="none"
+    )  # (B,)
+    return [float(v) for v in out]
 
 
 # ---------------------------------------------------------------------------------------------

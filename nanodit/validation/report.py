@@ -560,13 +560,19 @@ def write_report(
             grid(images[test], GRID_HEADERS[test]).save(out / name)
         if (out / name).is_file():
             files[test] = name
-    if loss_curve(result.get("loss_curve", []), out / "loss.png", result):
-        files["loss"] = "loss.png"
-    if loss_bins_curve(result.get("loss_bins") or {}, out / "loss_t.png"):
-        files["loss_bins"] = "loss_t.png"
-    if effects_curve(result.get("effects"), out / "effects.png"):
-        files["effects"] = "effects.png"
+    note = None
+    try:
+        if loss_curve(result.get("loss_curve", []), out / "loss.png", result):
+            files["loss"] = "loss.png"
+        if loss_bins_curve(result.get("loss_bins") or {}, out / "loss_t.png"):
+            files["loss_bins"] = "loss_t.png"
+        if effects_curve(result.get("effects"), out / "effects.png"):
+            files["effects"] = "effects.png"
+    except ImportError:  # matplotlib is in the validation extra; the numbers stand without the plots
+        note = "Plots are left out: matplotlib is not installed (pip install 'nanodit[validation]')."
     bl = blocks(result, files, history, final)
+    if note:
+        bl.insert(1, ("p", note))
     (out / "report.md").write_text(to_markdown(bl))
     (out / "report.html").write_text(to_html(bl, out))
     return out
