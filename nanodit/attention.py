@@ -37,16 +37,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = ("auto", "flash", "cudnn", "sdpa", "flex", "math")
 
-# fwd+bwd milliseconds at the nano shape, bf16: B16, 6 heads x 64, 1024 queries; "cross": keys padded to
-# 256 with random valid lengths, "self": 1024 keys, no mask.  Keyed by CUDA compute capability; used for
-# fp16 and bf16 (fp32 always goes to plain sdpa).  Names: "cudnn" (SDPA cuDNN kernel), "sdpa-efficient"
-# and "sdpa-flash" (SDPA's memory-efficient and flash kernels), "flash" (flash-attn-4, seqused_k),
-# "flex" (compiled FlexAttention).  The times are eager calls (host launch cost included: what an
-# un-graphed step pays, and the ranking that is safe in every mode). Replayed in CUDA graphs (GPU time
-# only) flash-attn-4 is the fastest: cross 0.147 ms (cuDNN 0.181), self 0.232 ms (cuDNN 0.254, 389 vs 355
-# TFLOP/s) -- choose model.attention=flash for graph-captured runs (compile_mode=reduce-overhead); its
-# launch path costs more host time, so eager it loses. FlexAttention faulted in the benchmark (see
-# bench/results/README.md) and has no row.  Update from `python bench/bench_attention.py` on the card.
+# What `auto` picks: the fastest provider present, by eager fwd+bwd milliseconds at the nano shape (bf16, B16,
+# 6 heads x 64, 1024 queries; "cross": keys padded to 256 with random valid lengths, "self": 1024 keys), keyed
+# by CUDA compute capability, used for fp16 and bf16 (fp32 always goes to plain sdpa). Eager times include the
+# host launch cost, the ranking that is safe in every mode; in CUDA graphs flash-attn-4 is faster
+# (model.attention=flash for graph-captured runs). Names: "cudnn", "sdpa-efficient" and "sdpa-flash" (SDPA's
+# kernels), "flash" (flash-attn-4, seqused_k). FlexAttention has no row (it faulted in the benchmark). The
+# measurements: bench/results/h200-2026-11-27-s3/attention.json; update from `python bench/bench_attention.py`.
 AUTO_TABLE: dict[tuple[int, int], dict] = {
     (9, 0): {
         "source": (

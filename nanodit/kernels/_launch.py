@@ -39,17 +39,10 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 MAX_D = 32768  # one row must fit a program's registers
-# Tile sizes (elements of one [ROWS, BLOCK_D] tile), warps and pipelining: the winners of bench_kernels.py --sweep
-# on an H200 (bf16, D=384; % of copy bandwidth, geometric mean over the kernels at the nano and large shapes),
-# bench/results/h200-2026-11-27-s4/kernels_sweep.txt, after the backward grid became one full wave and the
-# backward began to read the forward's LayerNorm statistics:
-# - forward: 1024-element tiles on 1 warp (80.6%; 2048 x 2 80.0%, 1024 x 2 79.1%: within the noise);
-# - adaLN backward (modulate, residual_modulate): 1024-element tiles on 2 warps, the loop pipelined by Triton
-#   with 3 stages (55.1%; 4 stages 55.6%, within the noise; 2 stages 49.4%); at the large shape 80-87% (57-75%
-#   before). At 4 stages the GPU test run found a residual_modulate backward with 6 spilled registers (its width
-#   not recorded); scripts/ptxas_regs.py shows no spills at D = 384 / 1024 with 3 or 4 (triton 3.8).
-# - gated-residual backward: 2048-element tiles on 2 warps (58.0%; 2048 x 4 54.1%).
-# Session 3's sweeps (bench/results/h200-2026-11-27-s3/kernels_sweep_{1,2}.txt) ran on the old, fixed grid.
+# Tile sizes (elements of one [ROWS, BLOCK_D] tile), warps and pipelining stages: the winners of
+# `bench_kernels.py --sweep` on an H200 (bf16, D=384, % of copy bandwidth over the nano and large shapes);
+# the measurements: bench/results/h200-2026-11-27-s4/kernels_sweep.txt (3 stages: no register spills at the
+# model widths, scripts/ptxas_regs.py). NANODIT_{FWD,BWD,RES_BWD}_TILES / NANODIT_BWD_STAGES override them.
 FWD_TILE, FWD_WARPS = 1024, 1
 BWD_TILE, BWD_WARPS = 1024, 2
 BWD_STAGES = 3  # tl.range(num_stages=...) of the adaLN backward loops; 1 = no pipelining
