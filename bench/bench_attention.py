@@ -1,6 +1,6 @@
 """Attention forward+backward at the nano shape: every backend present, bf16, eager and CUDA graphs.
 
-Shapes (DESIGN.md, nano model): B=16, 6 heads x 64, 1024 queries.
+Shapes (docs/design.md, nano model): B=16, 6 heads x 64, 1024 queries.
     cross  keys padded to 256, valid lengths drawn at random in 1..256 (seeded, the same for all)
     self   1024 x 1024, no mask
 FLOP convention: forward 4 * B * nh * T * hd * Lvalid, counting only valid keys (Lvalid summed row by

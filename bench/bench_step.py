@@ -3,7 +3,7 @@
     pytest bench/bench_step.py --benchmark-only           # pytest-benchmark, GPU only
     python bench/bench_step.py --out bench/results/step.json [--variants ref-eager,triton-compile]
 
-Workload (DESIGN.md "Performance"): nano model (12 x 384, 6 heads), batch 16, 64x64x16 latents, T5 padded to 256
+Workload (docs/design.md, "How performance is measured"): nano model (12 x 384, 6 heads), batch 16, 64x64x16 latents, T5 padded to 256
 tokens with random valid lengths, DINO 1024-d, bf16 autocast unless the variant says fp32. Variants (dash-joined
 words): nanodit with ``kernels=ref`` / ``triton``, then
 - ``eager``: plain PyTorch autograd, one Python launch per op;
