@@ -43,8 +43,8 @@ from nanodit.data.gpu_cache import GpuCacheLoader  # noqa: E402
 from nanodit.data.index import build_index  # noqa: E402
 from nanodit.data.loader import Semantics  # noqa: E402
 from nanodit.data.shards import ShardWriter, read_all  # noqa: E402
-from nanodit.data.synth import buckets  # noqa: E402
 from nanodit.data.wds_loader import WebDatasetLoader  # noqa: E402
+from nanodit.shapes import buckets  # noqa: E402
 
 B, C, SIDE, DD, DT, LMAX = 16, 16, 64, 1024, 4096, 256
 VARIANTS = [

@@ -1,6 +1,6 @@
 """Data: the sample schema (``schema``), where shards are (``layout``), this project's writer and decode path
-(``shards``), the index and the data check (``index``, ``check``), the synthetic shapes set (``synth``), and
-the loaders (``loader``).
+(``shards``), the index and the data check (``index``, ``check``), and the loaders (``loader``). The built-in
+synthetic set comes from the shapes world (``nanodit.shapes``).
 
 ``build_loader(cfg, device)`` is what the trainer calls: it finds (or generates) the shards, resolves their
 layout into the canonical manifest, picks a backend (``data.loader``), checks every sample (the same check as
@@ -30,7 +30,7 @@ def synthetic_dir(cfg) -> Path:
 
 def ensure_synthetic(cfg) -> Path:
     """The built-in shapes set for this config, generated once into ``data.cache_dir``."""
-    from nanodit.data.synth import make_dataset
+    from nanodit.shapes import make_dataset
 
     out = synthetic_dir(cfg)
     if not (out / "manifest.json").is_file():

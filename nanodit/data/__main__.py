@@ -17,7 +17,7 @@ from nanodit.data.shards import ShardError
 
 
 def _synth(args) -> int:
-    from nanodit.data.synth import make_dataset
+    from nanodit.shapes import make_dataset
 
     if args.samples <= 0:
         print("error: --samples must be > 0", file=sys.stderr)
