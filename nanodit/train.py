@@ -31,6 +31,7 @@ from nanodit.checkpoint import (
 )
 from nanodit.config import Config, ConfigError, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
+from nanodit.data.prepare import prepare
 from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
@@ -152,6 +153,7 @@ def setup(cfg: Config, say: Callable, progress: bool) -> Run:
     torch.manual_seed(cfg.train.seed)
     run_dir, resume_from, state = _run_folder(cfg, device, say)
 
+    prepare(cfg)  # the built-in shapes set is written here when data.path is null; build_loader only reads
     manifest, loader = build_loader(cfg, device, progress=progress)
     say(data_line(loader))
     for problem in loader.problems:  # data-set problems kept going under data.on_error=skip

@@ -12,8 +12,11 @@ import pytest
 import torch
 from fakedata import write_random_shards
 
+from nanodit.config import load_config
+from nanodit.data import build_loader, synthetic_dir
 from nanodit.data.__main__ import main as data_main
 from nanodit.data.loader import MemoryLoader, Semantics, cfg_decision, epoch_schedule, flip_decision
+from nanodit.data.prepare import prepare
 from nanodit.data.shards import ShardError, ShardWriter, check_dir, read_all
 
 
@@ -33,6 +36,26 @@ def test_check_cli_counts_and_ok(tmp_path, capsys):
     assert data_main(["check", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "8x8: 5" in out and "6x10: 5" in out and "ok" in out
+
+
+def test_prepare_writes_the_builtin_set_and_loading_only_reads(tmp_path):
+    """With data.path null, data_root and build_loader read only (a one-line error naming the folder while the set
+    is not written); prepare writes it once and returns the root; a given data.path is never written."""
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path / 'cache'}", "data.synth_samples=4"])
+    with pytest.raises(ShardError, match="holds none: write it first") as e:
+        build_loader(cfg, torch.device("cpu"))
+    assert str(synthetic_dir(cfg)) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists()
+    root = prepare(cfg)
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    assert root == synthetic_dir(cfg) and prepare(cfg) == root
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # written once
+    manifest, loader = build_loader(cfg, torch.device("cpu"))
+    assert manifest["count"] == 4 and loader.root == root
+    write_random_shards(tmp_path / "given", n=4)
+    before = sorted((tmp_path / "given").rglob("*"))
+    given = load_config("smoke", [f"data.path={tmp_path / 'given'}"])
+    assert prepare(given) == tmp_path / "given" and sorted((tmp_path / "given").rglob("*")) == before
 
 
 def _rewrite_one(path: Path, key: str, change):

@@ -2,8 +2,8 @@
 (``shards``), the index and the data check (``index``, ``check``), and the loaders (``loader``). The built-in
 synthetic set comes from the shapes world (``nanodit.shapes``).
 
-``build_loader(cfg, device)`` is what the trainer calls: it finds (or generates) the shards, resolves their
-layout into the canonical manifest, picks a backend (``data.loader``), checks every sample (the same check as
+``build_loader(cfg, device)`` is what the trainer calls, after ``prepare(cfg)`` (``nanodit.data.prepare``) wrote
+the built-in set if ``data.path`` is null; it only reads: it finds the shards, resolves their layout into the canonical manifest, picks a backend (``data.loader``), checks every sample (the same check as
 ``python -m nanodit.data check``; with ``data.check=auto`` the arrays are not re-read when a stamp of that check
 vouches for the files) and returns ``(manifest, loader)``. Every backend yields the same batches
 (loader.py states the semantics): gpu-cache (gpu_cache.py; all data resident on the device), webdataset
@@ -14,43 +14,43 @@ CPU device: CPU tensors), else dali when installed, else webdataset.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from nanodit.data.layout import register, resolve
+from nanodit.data.layout import MANIFEST, register, resolve
 from nanodit.data.loader import ScheduledLoader, Semantics
 from nanodit.data.schema import Keys, ShardError, skip_counts
 
+if TYPE_CHECKING:  # the loaders themselves need no omegaconf
+    from nanodit.config import Config
 
-def synthetic_dir(cfg) -> Path:
+
+def synthetic_dir(cfg: Config) -> Path:
+    """Where the built-in shapes set of ``data.synth_*`` lives: a folder of ``data.cache_dir`` named by them."""
     d = cfg.data
     return Path(d.cache_dir) / f"shapes-n{d.synth_samples}-s{d.synth_seed}-z{d.synth_size}"
 
 
-def ensure_synthetic(cfg) -> Path:
-    """The built-in shapes set for this config, generated once into ``data.cache_dir``."""
-    from nanodit.shapes import make_dataset
-
-    out = synthetic_dir(cfg)
-    if not (out / "manifest.json").is_file():
-        make_dataset(out, samples=cfg.data.synth_samples, seed=cfg.data.synth_seed, size=cfg.data.synth_size)
-    return out
-
-
-def data_keys(cfg) -> Keys:
+def data_keys(cfg: Config) -> Keys:
     """``data.keys`` as the readers' key map."""
-    import dataclasses
-
     return Keys.from_fields(dataclasses.asdict(cfg.data.keys))
 
 
-def data_root(cfg) -> Path:
-    """``data.path`` (a folder, a glob, a brace pattern or a list of tars; None: the shapes set), registered
-    with the run's key map and T5 limit so that every reader given the path reads it as the loader does."""
+def data_root(cfg: Config) -> Path:
+    """``data.path`` (a folder, a glob, a brace pattern or a list of tars; None: the built-in shapes set, which
+    ``nanodit.data.prepare`` writes: this only reads), registered with the run's key map and T5 limit so that
+    every reader given the path reads it as the loader does."""
     spec = cfg.data.path
     if spec is None:
-        root = ensure_synthetic(cfg)
+        root = synthetic_dir(cfg)
+        if not (root / MANIFEST).is_file():
+            raise ShardError(
+                f"data.path is null (the built-in shapes set) and {root} holds none: write it first "
+                "(python -m nanodit.data synth with the same data.* settings, or nanodit.data.prepare.prepare(cfg))"
+            )
     else:
         root = Path(spec)
         pattern = any(ch in spec for ch in "*?[{,") or "::" in spec
