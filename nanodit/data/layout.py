@@ -149,8 +149,8 @@ def _groups_from_folders(root: Path) -> tuple[str, list[tuple]]:
         groups.insert(0, (".", None, None, own))
     if not groups:
         raise ShardError(
-            f"{root}: no manifest.json and no .tar shards (is it a shard folder? `python -m nanodit.data synth` "
-            "makes one)",
+            f"{root}: no manifest.json and no .tar shards (is it a shard folder? `python -m nanodit.data synth "
+            "data.path=DIR` makes one)",
             "manifest",
         )
     return ("bucket-folders" if not own else "flat"), groups
