@@ -343,11 +343,11 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
         gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
     with prof.region("optimizer"):
         ok = run.guard.check(loss, gnorm if gnorm is not None else grad_norm(run.model.parameters()))
-        run.guard.step(ok, run.step + 1, batch["ids"])  # masked on the device where not ok: no host sync
+        run.guard.step(ok, run.step + 1, batch.ids)  # masked on the device where not ok: no host sync
     with prof.region("ema"):
         run.ema.update(run.model, ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps))
     run.step += 1
-    run.window.add(loss, stats, ok, batch["latent"].shape[0])
+    run.window.add(loss, stats, ok, batch.latent.shape[0])
     return lr, gnorm
 
 

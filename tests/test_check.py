@@ -148,7 +148,7 @@ def test_check_and_every_loader_report_the_same_one_line(bad_data, capsys):
             assert [(e.reason, str(e)) for e in loader.skipped] == [(reason, msg)]
             assert sum(loader.counts.values()) == 7 and manifest["count"] == 8  # the tars hold 8
             batch = next(loader)
-            assert torch.isfinite(batch["latent"].float()).all()
+            assert torch.isfinite(batch.latent.float()).all()
         finally:
             loader.close()
 

@@ -254,18 +254,18 @@ def test_batches_pad_mask_and_flip(tmp_path):
     by_id = {s.id: s for g in groups.values() for s in g}
     for _ in range(12):
         b = next(loader)
-        B, L = b["t5_mask"].shape
-        assert L % 8 == 0 and b["t5"].shape == (B, L, 48)
-        lens = b["t5_mask"].sum(1)
-        for i, sid in enumerate(b["ids"]):
+        B, L = b.t5_mask.shape
+        assert L % 8 == 0 and b.t5.shape == (B, L, 48)
+        lens = b.t5_mask.sum(1)
+        for i, sid in enumerate(b.ids):
             s = by_id[sid]
-            src = s.t5_flip if b["flipped"][i] else s.t5
-            lat = s.latent_flip if b["flipped"][i] else s.latent
-            assert lens[i] == src.shape[0] and b["t5_mask"][i, : lens[i]].all()
-            assert torch.equal(b["t5"][i, : lens[i]], torch.from_numpy(src))
-            assert torch.count_nonzero(b["t5"][i, lens[i] :]) == 0  # padding is exactly zero
-            assert torch.equal(b["latent"][i], torch.from_numpy(lat))
-            assert b["captions"][i] == (s.flip_txt if b["flipped"][i] else s.txt)
+            src = s.t5_flip if b.flipped[i] else s.t5
+            lat = s.latent_flip if b.flipped[i] else s.latent
+            assert lens[i] == src.shape[0] and b.t5_mask[i, : lens[i]].all()
+            assert torch.equal(b.t5[i, : lens[i]], torch.from_numpy(src))
+            assert torch.count_nonzero(b.t5[i, lens[i] :]) == 0  # padding is exactly zero
+            assert torch.equal(b.latent[i], torch.from_numpy(lat))
+            assert b.captions[i] == (s.flip_txt if b.flipped[i] else s.txt)
 
 
 def test_loader_state_resumes_the_stream(tmp_path):
@@ -280,8 +280,4 @@ def test_loader_state_resumes_the_stream(tmp_path):
     b.load_state_dict(state)
     for e in expect:
         got = next(b)
-        assert (
-            got["ids"] == e["ids"]
-            and torch.equal(got["t5"], e["t5"])
-            and torch.equal(got["drop_text"], e["drop_text"])
-        )
+        assert got.ids == e.ids and torch.equal(got.t5, e.t5) and torch.equal(got.drop_text, e.drop_text)

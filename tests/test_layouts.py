@@ -244,9 +244,7 @@ def test_build_loader_feeds_every_layout_the_same_batches(producer):
         batches[name] = [next(loader) for _ in range(2 * loader.batches_per_epoch)]
         loader.close()
     for a, b in zip(batches["folders"], batches["flat"]):
-        assert (
-            a["ids"] == b["ids"] and torch.equal(a["latent"], b["latent"]) and torch.equal(a["t5"], b["t5"])
-        )
+        assert a.ids == b.ids and torch.equal(a.latent, b.latent) and torch.equal(a.t5, b.t5)
 
 
 @pytest.mark.parametrize(
@@ -281,6 +279,6 @@ def test_every_backend_reads_another_producers_shards_alike(tmp_path, kind):
         finally:
             loader.close()
     for a, b in zip(got[kind], got["gpu-cache"]):
-        assert a["ids"] == b["ids"] and a["captions"] == b["captions"]
+        assert a.ids == b.ids and a.captions == b.captions
         for k in ("latent", "dino", "t5", "t5_mask", "flipped", "drop_text"):
             assert torch.equal(a[k], b[k]), k
