@@ -281,4 +281,4 @@ def test_every_backend_reads_another_producers_shards_alike(tmp_path, kind):
     for a, b in zip(got[kind], got["gpu-cache"]):
         assert a.ids == b.ids and a.captions == b.captions
         for k in ("latent", "dino", "t5", "t5_mask", "flipped", "drop_text"):
-            assert torch.equal(a[k], b[k]), k
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
