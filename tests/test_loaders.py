@@ -20,7 +20,7 @@ import torch
 from fakedata import write_random_shards
 
 from nanodit.data import build_loader
-from nanodit.data.batch import Batch
+from nanodit.data.batch import Batch, make_batch
 from nanodit.data.dali_loader import DaliLoader, dali_available
 from nanodit.data.gpu_cache import GpuCacheLoader, cache_bytes
 from nanodit.data.index import build_index, group_members, index_path, read_wds_index, scan_tar
@@ -74,6 +74,29 @@ def assert_same_batch(got: Batch, want: Batch, where: str) -> None:
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{where}: {k} bits differ"
         else:
             assert a == b, f"{where}: {k}: {a} != {b}"
+
+
+def test_make_batch_reads_the_flag_rows_and_to_moves_only_tensors():
+    """make_batch takes (3, B) flags, bool or 0/1 integers, as the rows flipped, drop_text, drop_dino;
+    Batch.to moves every tensor and keeps ids, captions and the epoch."""
+    half = dict(dtype=torch.float16)
+    flags = torch.tensor([[1, 0], [0, 1], [1, 1]])  # (3, B) int64, as gpu-cache and dali upload them
+    b = make_batch(
+        torch.zeros(2, 16, 4, 4, **half),
+        torch.zeros(2, 8, **half),
+        torch.zeros(2, 8, 4, **half),
+        torch.ones(2, 8, dtype=torch.bool),
+        flags,
+        ["a", "b"],
+        ["x", "y"],
+        3,
+    )
+    assert [b.flipped.tolist(), b.drop_text.tolist(), b.drop_dino.tolist()] == flags.bool().tolist()
+    assert b.flipped.dtype == b.drop_text.dtype == b.drop_dino.dtype == torch.bool
+    moved = b.to(torch.device("meta"))
+    tensors = [k for k in BATCH_FIELDS if torch.is_tensor(getattr(b, k))]
+    assert len(tensors) == 7 and all(getattr(moved, k).is_meta for k in tensors) and not b.latent.is_meta
+    assert (moved.ids, moved.captions, moved.epoch) == (["a", "b"], ["x", "y"], 3)
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
