@@ -19,8 +19,8 @@ captions of any bucket), live in ONE shared-memory segment that the main process
 fork: its pages stay mapped in every process for the loader's life, so nothing is mapped, page-faulted, zeroed
 or unmapped per batch. (The per-batch alternative, which ``slots=0`` keeps for comparison, has each worker
 allocate fresh shm tensors per batch that the main process maps and faults in, plus the DataLoader's single
-pin thread memcpy-ing every byte into pinned memory: measured at ~2,100 samples/s on an H200 host, flat in the
-number of workers, i.e. bound by the main process.) Batch j of a run goes to slot j % K; a worker returns only
+pin thread memcpy-ing every byte into pinned memory: bound by the main process, whatever the number of workers;
+``bench/bench_loader.py``'s ``-s0`` variants measure it.) Batch j of a run goes to slot j % K; a worker returns only
 metadata (slot, sizes, ids, captions). Flow control: the DataLoader keeps P = num_workers * prefetch batches
 dispatched but not yet yielded, and asks the sampler for the next spec while the batch it is about to yield
 still holds its slot, so P + 1 slots are in use; K = P + 2 leaves one batch for the device copy of the batch
