@@ -47,7 +47,9 @@ def _ensure_data(train_args: list[str]) -> None:
     rest = [
         a for i, a in enumerate(train_args) if a != "--config" and (i == 0 or train_args[i - 1] != "--config")
     ]
-    prepare(load_config(name, rest))
+    cfg = load_config(name, rest)
+    if cfg.data.path is None:
+        prepare(cfg)
 
 
 def cmd_start(args) -> int:

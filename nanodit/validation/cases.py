@@ -79,8 +79,8 @@ def round_robin(per_bucket: dict, n: int) -> list:
 
 def swap_pairs(samples: list[Sample], shapes: bool, seed: int) -> list[tuple[Sample, Sample]]:
     """DINO-swap pairs (A, B) within one bucket. Shapes: telling pairs only (light directions >= 90 deg
-    apart, different objects: ``nanodit.shapes.dino_swap_pairs``); real data: A = i-th, B = the sample half the
-    bucket further on (sorted ids)."""
+    apart, different objects: ``nanodit.shapes.dino_swap_pairs``); real data: A = i-th, B = the sample half
+    the bucket further on (sorted ids)."""
     n = len(samples)
     if n < 2:
         return []
