@@ -38,13 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nanodit.data.batch import Batch  # noqa: E402
 from nanodit.data.dali_loader import DaliLoader, dali_available  # noqa: E402
 from nanodit.data.gpu_cache import GpuCacheLoader  # noqa: E402
 from nanodit.data.index import build_index  # noqa: E402
 from nanodit.data.loader import Semantics  # noqa: E402
 from nanodit.data.shards import ShardWriter, read_all  # noqa: E402
-from nanodit.data.synth import buckets  # noqa: E402
 from nanodit.data.wds_loader import WebDatasetLoader  # noqa: E402
+from nanodit.shapes import buckets  # noqa: E402
 
 B, C, SIDE, DD, DT, LMAX = 16, 16, 64, 1024, 4096, 256
 VARIANTS = [
@@ -109,19 +110,19 @@ def make_loader(variant: str, root: Path, device: torch.device, index=None):
     return DaliLoader(index, sem, device, threads=n, prefetch=2)
 
 
-def bus_bytes(batch: dict) -> torch.Tensor:
+def bus_bytes(batch: Batch) -> torch.Tensor:
     """Bytes a streaming backend moves host -> device for this batch (T5 unpadded: only valid rows), as a 0-d
     tensor on the batch's device: reading it back per batch would synchronise the device every batch (and hide
     copies that overlap the next batch's fetch), so ``run_batches`` reads the sum once, at the end."""
-    lat, dino, mask = batch["latent"], batch["dino"], batch["t5_mask"]
-    return mask.sum() * (batch["t5"].shape[-1] * 2) + (lat.numel() * 2 + dino.numel() * 2)
+    lat, dino, mask = batch.latent, batch.dino, batch.t5_mask
+    return mask.sum() * (batch.t5.shape[-1] * 2) + (lat.numel() * 2 + dino.numel() * 2)
 
 
 def run_batches(loader, n: int) -> tuple[int, int]:
     samples, moved = 0, 0
     for _ in range(n):
         b = next(loader)
-        samples += len(b["ids"])
+        samples += len(b.ids)
         moved = moved + bus_bytes(b)
     sync()
     return samples, int(moved)

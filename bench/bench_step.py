@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # script mode: imp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/conftest.py helpers
 from conftest import cuda_event_times, cuda_graph  # noqa: E402  (bench/conftest.py)
 
+from nanodit.data.batch import Batch, make_batch  # noqa: E402
+
 B, C, HW, L, DD, DT = 16, 16, 64, 256, 1024, 4096
 VARIANTS = [
     "ref-eager",
@@ -53,19 +55,17 @@ VARIANTS = [
 ]
 
 
-def make_batch(device, seed=0) -> dict:
+def random_batch(device, seed=0) -> Batch:
     g = torch.Generator(device="cpu").manual_seed(seed)
     lens = torch.randint(1, L + 1, (B,), generator=g)
     mask = torch.arange(L)[None] < lens[:, None]  # (B, L)
     t5 = torch.randn(B, L, DT, generator=g).half() * mask[..., None]  # (B, L, Dt)
-    return {
-        "latent": torch.randn(B, C, HW, HW, generator=g).half().to(device),
-        "dino": torch.randn(B, DD, generator=g).half().to(device),
-        "t5": t5.to(device),
-        "t5_mask": mask.to(device),
-        "drop_text": (torch.rand(B, generator=g) < 0.2).to(device),
-        "drop_dino": (torch.rand(B, generator=g) < 0.2).to(device),
-    }
+    latent = torch.randn(B, C, HW, HW, generator=g).half().to(device)
+    dino = torch.randn(B, DD, generator=g).half().to(device)
+    drop_text, drop_dino = (torch.rand(B, generator=g) < 0.2), (torch.rand(B, generator=g) < 0.2)
+    flags = torch.stack([torch.zeros(B, dtype=torch.bool), drop_text, drop_dino]).to(device)  # (3, B)
+    ids = [f"bench-{i}" for i in range(B)]
+    return make_batch(latent, dino, t5.to(device), mask.to(device), flags, ids, [""] * B, 0)
 
 
 class PixArtAdapter(torch.nn.Module):
@@ -135,7 +135,7 @@ def make_step(variant: str, device):
     # a captured graph replays the default generator's Philox stream safely; a private generator would need
     # registering with the graph, so the graph variants draw t and noise from the default one
     gen = None if graphed else torch.Generator(device=device).manual_seed(0)
-    batch = make_batch(device)
+    batch = random_batch(device)
 
     def step():
         loss, _ = training_loss(fwd, batch, flow_loss, gen, autocast=autocast)

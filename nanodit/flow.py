@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from nanodit.data.batch import Batch
+
 
 def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
     """The timestep shift of SD3 / Flux: t' = s t / (1 + (s - 1) t), i.e. logit(t') = logit(t) + ln s.
@@ -44,7 +46,7 @@ def target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def training_loss(
     model: Callable,
-    batch: dict,
+    batch: Batch,
     flow_loss: Callable,
     generator: torch.Generator,
     t_mean: float = 0.0,
@@ -57,15 +59,13 @@ def training_loss(
 
     ``flow_loss`` is the op of ``model.kernels`` (reference or fused): per-sample MSE of v to eps - x0.
     """
-    x0 = batch["latent"].float()  # (B, C, H, W)
+    x0 = batch.latent.float()  # (B, C, H, W)
     B = x0.shape[0]
     t = sample_t(B, t_mean, t_std, generator, x0.device, t_shift)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, C, H, W)
     x_t = interpolate(x0, eps, t)  # (B, C, H, W)
     with autocast if autocast is not None else torch.autocast(x0.device.type, enabled=False):
-        v = model(
-            x_t, t, batch["dino"], batch["t5"], batch["t5_mask"], batch["drop_dino"], batch["drop_text"]
-        )
+        v = model(x_t, t, batch.dino, batch.t5, batch.t5_mask, batch.drop_dino, batch.drop_text)
     per_sample, bin_sum, bin_count = flow_loss(v, x0, eps, t, None, nbins)
     return per_sample.mean(), {"bin_sum": bin_sum, "bin_count": bin_count}
 

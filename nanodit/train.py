@@ -31,6 +31,7 @@ from nanodit.checkpoint import (
 )
 from nanodit.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
+from nanodit.data.prepare import prepare
 from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
@@ -152,6 +153,7 @@ def setup(cfg: Config, say: Callable, progress: bool) -> Run:
     torch.manual_seed(cfg.train.seed)
     run_dir, resume_from, state = _run_folder(cfg, device, say)
 
+    prepare(cfg)  # the built-in shapes set is written here when data.path is null; build_loader only reads
     manifest, loader = build_loader(cfg, device, progress=progress)
     say(data_line(loader))
     for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
@@ -341,11 +343,11 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
         gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
     with prof.region("optimizer"):
         ok = run.guard.check(loss, gnorm if gnorm is not None else grad_norm(run.model.parameters()))
-        run.guard.step(ok, run.step + 1, batch["ids"])  # masked on the device where not ok: no host sync
+        run.guard.step(ok, run.step + 1, batch.ids)  # masked on the device where not ok: no host sync
     with prof.region("ema"):
         run.ema.update(run.model, ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps))
     run.step += 1
-    run.window.add(loss, stats, ok, batch["latent"].shape[0])
+    run.window.add(loss, stats, ok, batch.latent.shape[0])
     return lr, gnorm
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from nanodit.checkpoint import latest_checkpoint, load_checkpoint
-from nanodit.config import from_dict
-from nanodit.data import data_root
+from nanodit.config import from_dict, load_config
+from nanodit.data.prepare import prepare
 from nanodit.model import build_model
 from nanodit.validation.cases import has_scenes, read_val_samples, select_cases
 from nanodit.validation.sampling import generate
@@ -43,16 +43,13 @@ def _runs(root: Path) -> list[Path]:
 
 def _ensure_data(train_args: list[str]) -> None:
     """Write the built-in data set before the run starts (parallel runs would race to write it)."""
-    from nanodit.config import load_config
-    from nanodit.data import ensure_synthetic
-
     name = train_args[train_args.index("--config") + 1] if "--config" in train_args else None
     rest = [
         a for i, a in enumerate(train_args) if a != "--config" and (i == 0 or train_args[i - 1] != "--config")
     ]
     cfg = load_config(name, rest)
     if cfg.data.path is None:
-        ensure_synthetic(cfg)
+        prepare(cfg)
 
 
 def cmd_start(args) -> int:
@@ -121,7 +118,7 @@ def cmd_grid(args) -> int:
         state = load_checkpoint(ck)
         cfg = from_dict(state["config"])
         cfg.val = replace(cfg.val, samples=args.samples)
-        manifest, groups = read_val_samples(data_root(cfg), args.samples)
+        manifest, groups = read_val_samples(prepare(cfg), args.samples)
         shapes = has_scenes(manifest, groups)
         tools = load_tools(manifest, cfg.val, device, shapes)
         model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)

@@ -131,7 +131,7 @@ def loader_for(root: Path, backend: str, *over: str):
 @pytest.mark.parametrize("bad_data", CASES, ids=[c[0] for c in CASES], indirect=True)
 def test_check_and_every_loader_report_the_same_one_line(bad_data, capsys):
     root, (case, _, expect, reason, _) = bad_data
-    assert data_main(["check", str(root), "--no-progress"]) == 1
+    assert data_main(["check", f"data.path={root}", "--no-progress"]) == 1
     out = capsys.readouterr().out
     problems = [line.removeprefix("problem: ") for line in out.splitlines() if line.startswith("problem: ")]
     assert len(problems) == 1, out  # one broken sample, one problem
@@ -148,7 +148,7 @@ def test_check_and_every_loader_report_the_same_one_line(bad_data, capsys):
             assert [(e.reason, str(e)) for e in loader.skipped] == [(reason, msg)]
             assert sum(loader.counts.values()) == 7 and manifest["count"] == 8  # the tars hold 8
             batch = next(loader)
-            assert torch.isfinite(batch["latent"].float()).all()
+            assert torch.isfinite(batch.latent.float()).all()
         finally:
             loader.close()
 
@@ -200,7 +200,7 @@ def test_float32_arrays_pass_the_check_and_gpu_cache_but_not_the_streaming_loade
     root = tmp_path / "data"
     write_random_shards(root, n=8)
     rewrite(root / SHARD, "s0000", {"dino.npy": npy(np.ones(32, np.float32))})
-    assert data_main(["check", str(root), "--no-progress"]) == 0
+    assert data_main(["check", f"data.path={root}", "--no-progress"]) == 0
     assert "note: 1 samples store float32 arrays" in capsys.readouterr().out
     _, loader = loader_for(root, "gpu-cache")
     assert sum(loader.counts.values()) == 8
@@ -212,7 +212,7 @@ def test_float32_arrays_pass_the_check_and_gpu_cache_but_not_the_streaming_loade
 
 def test_check_prints_a_progress_bar(tmp_path, capsys):
     write_random_shards(tmp_path, n=6)
-    assert data_main(["check", str(tmp_path), "--no-stamp"]) == 0
+    assert data_main(["check", f"data.path={tmp_path}", "--no-stamp"]) == 0
     err = capsys.readouterr().err
     assert "data check" in err and "6/6" in err
 
@@ -222,7 +222,7 @@ def test_stamp_is_trusted_only_for_the_files_it_checked(tmp_path, capsys):
     really trusts the stamp, a NaN is planted keeping the tar's size and mtime: auto does not see it, full
     does. Touching the file (a new mtime) voids the stamp: auto reads every array again and finds it."""
     write_random_shards(tmp_path, n=8)
-    assert data_main(["check", str(tmp_path), "--no-progress"]) == 0
+    assert data_main(["check", f"data.path={tmp_path}", "--no-progress"]) == 0
     assert "stamp " in capsys.readouterr().out and (tmp_path / STAMP).is_file()
     _, loader = loader_for(tmp_path, "gpu-cache")
     assert loader.checked == "stamp"

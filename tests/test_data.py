@@ -12,9 +12,14 @@ import pytest
 import torch
 from fakedata import write_random_shards
 
+from nanodit.config import load_config
+from nanodit.data import build_loader, data_root, synthetic_dir
 from nanodit.data.__main__ import main as data_main
+from nanodit.data.layout import load_manifest
 from nanodit.data.loader import MemoryLoader, Semantics, cfg_decision, epoch_schedule, flip_decision
+from nanodit.data.prepare import prepare
 from nanodit.data.shards import ShardError, ShardWriter, check_dir, read_all
+from nanodit.shapes import make_dataset
 
 
 def test_roundtrip(tmp_path):
@@ -30,9 +35,84 @@ def test_roundtrip(tmp_path):
 
 def test_check_cli_counts_and_ok(tmp_path, capsys):
     write_random_shards(tmp_path, n=10)
-    assert data_main(["check", str(tmp_path)]) == 0
+    assert data_main(["check", f"data.path={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "8x8: 5" in out and "6x10: 5" in out and "ok" in out
+
+
+def test_synth_cli_takes_config_keys_and_writes_where_training_reads(tmp_path, capsys):
+    """``synth`` with ``key=value`` settings: without data.path it writes the built-in set where a run with the same
+    settings reads it (data_root), with data.path into that folder; the set is make_dataset's, byte for byte."""
+    over = [f"data.cache_dir={tmp_path / 'cache'}", "data.synth_samples=8", "data.synth_size=16"]
+    assert data_main(["synth", *over, "data.synth_seed=3"]) == 0
+    cfg = load_config(None, [*over, "data.synth_seed=3"])
+    root = data_root(cfg)
+    assert root == synthetic_dir(cfg) and f"wrote 8 samples to {root}" in capsys.readouterr().out
+    assert data_main(["synth", "--config", "smoke", f"data.path={tmp_path / 'mine'}", *over[1:]]) == 0
+    make_dataset(tmp_path / "ref", samples=8, seed=3, size=16)
+    for got in (root, tmp_path / "mine"):
+        assert load_manifest(got)["count"] == 8
+    files = {
+        d: sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file()) for d in (root, tmp_path / "ref")
+    }
+    assert files[root] == files[tmp_path / "ref"] != []
+    assert all((root / p).read_bytes() == (tmp_path / "ref" / p).read_bytes() for p in files[root])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["synth", "data.synth_samples=0"], "error: config: data.synth_samples=0 must be > 0"),
+        (["synth", "data.synth_size=10"], "error: config: data.synth_size=10 must be >= 16"),
+        (["synth", "train.steps=3"], "only data.* settings apply to a data command"),
+        (["check", "shards/"], "'shards/' is not of the form key=value (a data folder is data.path=shards/)"),
+        (["check", "data.t5_max_len=0"], "error: config: data.t5_max_len=0 must be > 0"),
+    ],
+)
+def test_data_cli_mistakes_are_one_line_errors(argv, message, capsys):
+    """A bad setting is exit 2 with one line naming it, before anything is read or written."""
+    assert data_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, options",
+    [
+        (["-h"], ["synth", "check"]),
+        (
+            ["synth", "-h"],
+            ["--config", "data.path", "data.cache_dir", "data.synth_samples", "data.synth_seed"],
+        ),
+        (["check", "-h"], ["--config", "--show", "--no-stamp", "--no-progress", "data.path", "data.keys"]),
+    ],
+)
+def test_data_cli_help_documents_every_option(argv, options, capsys):
+    """``-h`` of the tool and of each subcommand names every option and the data.* keys it takes."""
+    with pytest.raises(SystemExit) as e:
+        data_main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(o in out for o in options), out
+
+
+def test_prepare_writes_the_builtin_set_and_loading_only_reads(tmp_path):
+    """With data.path null, data_root and build_loader read only (a one-line error naming the folder while the set
+    is not written); prepare writes it once and returns the root; a given data.path is never written."""
+    cfg = load_config("smoke", [f"data.cache_dir={tmp_path / 'cache'}", "data.synth_samples=4"])
+    with pytest.raises(ShardError, match="holds none: write it first") as e:
+        build_loader(cfg, torch.device("cpu"))
+    assert str(synthetic_dir(cfg)) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists()
+    root = prepare(cfg)
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    assert root == synthetic_dir(cfg) and prepare(cfg) == root
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # written once
+    manifest, loader = build_loader(cfg, torch.device("cpu"))
+    assert manifest["count"] == 4 and loader.root == root
+    write_random_shards(tmp_path / "given", n=4)
+    before = sorted((tmp_path / "given").rglob("*"))
+    given = load_config("smoke", [f"data.path={tmp_path / 'given'}"])
+    assert prepare(given) == tmp_path / "given" and sorted((tmp_path / "given").rglob("*")) == before
 
 
 def _rewrite_one(path: Path, key: str, change):
@@ -174,18 +254,18 @@ def test_batches_pad_mask_and_flip(tmp_path):
     by_id = {s.id: s for g in groups.values() for s in g}
     for _ in range(12):
         b = next(loader)
-        B, L = b["t5_mask"].shape
-        assert L % 8 == 0 and b["t5"].shape == (B, L, 48)
-        lens = b["t5_mask"].sum(1)
-        for i, sid in enumerate(b["ids"]):
+        B, L = b.t5_mask.shape
+        assert L % 8 == 0 and b.t5.shape == (B, L, 48)
+        lens = b.t5_mask.sum(1)
+        for i, sid in enumerate(b.ids):
             s = by_id[sid]
-            src = s.t5_flip if b["flipped"][i] else s.t5
-            lat = s.latent_flip if b["flipped"][i] else s.latent
-            assert lens[i] == src.shape[0] and b["t5_mask"][i, : lens[i]].all()
-            assert torch.equal(b["t5"][i, : lens[i]], torch.from_numpy(src))
-            assert torch.count_nonzero(b["t5"][i, lens[i] :]) == 0  # padding is exactly zero
-            assert torch.equal(b["latent"][i], torch.from_numpy(lat))
-            assert b["captions"][i] == (s.flip_txt if b["flipped"][i] else s.txt)
+            src = s.t5_flip if b.flipped[i] else s.t5
+            lat = s.latent_flip if b.flipped[i] else s.latent
+            assert lens[i] == src.shape[0] and b.t5_mask[i, : lens[i]].all()
+            assert torch.equal(b.t5[i, : lens[i]], torch.from_numpy(src))
+            assert torch.count_nonzero(b.t5[i, lens[i] :]) == 0  # padding is exactly zero
+            assert torch.equal(b.latent[i], torch.from_numpy(lat))
+            assert b.captions[i] == (s.flip_txt if b.flipped[i] else s.txt)
 
 
 def test_loader_state_resumes_the_stream(tmp_path):
@@ -200,8 +280,4 @@ def test_loader_state_resumes_the_stream(tmp_path):
     b.load_state_dict(state)
     for e in expect:
         got = next(b)
-        assert (
-            got["ids"] == e["ids"]
-            and torch.equal(got["t5"], e["t5"])
-            and torch.equal(got["drop_text"], e["drop_text"])
-        )
+        assert got.ids == e.ids and torch.equal(got.t5, e.t5) and torch.equal(got.drop_text, e.drop_text)

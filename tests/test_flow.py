@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nanodit.data.batch import make_batch
 from nanodit.flow import guided_velocity, interpolate, sample_euler, sample_t, target, training_loss
 from nanodit.kernels import flow_loss_ref
 
@@ -78,14 +79,9 @@ def test_dual_guidance_formula():
 
 def test_training_loss_uses_the_generator_and_targets():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    batch = {
-        "latent": torch.randn(4, 16, 4, 4),
-        "dino": None,
-        "t5": None,
-        "t5_mask": None,
-        "drop_dino": None,
-        "drop_text": None,
-    }
+    unused = torch.zeros(4, 1)  # the zero model reads only x_t
+    flags = torch.zeros(3, 4)
+    batch = make_batch(torch.randn(4, 16, 4, 4), unused, unused, unused, flags, list("abcd"), [""] * 4, 0)
     zero = lambda x, *a: torch.zeros_like(x)
     l1, s1 = training_loss(zero, batch, flow_loss_ref, g1)
     l2, _ = training_loss(zero, batch, flow_loss_ref, g2)

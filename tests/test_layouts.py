@@ -81,7 +81,7 @@ def test_independent_per_bucket_folders_check_and_train_without_edits(producer, 
     data = producer["folders"]
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["buckets"] == {"bucket-8x8": 10, "bucket-6x10": 10} and "count" not in manifest
-    assert data_main(["check", str(data), "--no-progress", "--no-stamp"]) == 0
+    assert data_main(["check", f"data.path={data}", "--no-progress", "--no-stamp"]) == 0
     out = capsys.readouterr().out
     assert "8x8: 10" in out and "6x10: 10" in out and "total: 20 samples passed" in out and "ok:" in out
     assert train_main(run_cfg(data, tmp_path / "run")) == 0
@@ -146,12 +146,12 @@ def test_key_map_reads_shards_named_otherwise(tmp_path, capsys):
     the path) reads it the same way."""
     rename = {"latent.npy": "vae.npy", "t5.npy": "t5_emb.npy", "txt": "caption.txt"}
     data = stage2_writer.write(tmp_path / "d", samples=12, rename=rename)
-    assert data_main(["check", str(data), "--no-progress"]) == 1
+    assert data_main(["check", f"data.path={data}", "--no-progress"]) == 1
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("problem: ") and "missing key" in x)
     assert "missing key 'latent.npy'" in line and "vae.npy" in line and "data.keys" in line
     keys = ["data.keys.latent=vae.npy", "data.keys.t5=t5_emb.npy", "data.keys.txt=caption.txt"]
-    assert data_main(["check", str(data), "--no-progress", *keys]) == 0
+    assert data_main(["check", f"data.path={data}", "--no-progress", *keys]) == 0
     assert train_main(run_cfg(data, tmp_path / "run", *keys)) == 0
     # the trainer registered the map for this path: a reader given only the path (validation) reads it too
     manifest = load_manifest(data)
@@ -187,7 +187,7 @@ def test_manifest_count_that_differs_is_one_line_for_check_and_train(producer, t
     m = json.loads((data / "manifest.json").read_text())
     m["buckets"]["bucket-8x8"] = 11
     (data / "manifest.json").write_text(json.dumps(m))
-    assert data_main(["check", str(data), "--no-progress"]) == 1
+    assert data_main(["check", f"data.path={data}", "--no-progress"]) == 1
     problem = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("problem: "))
     assert "bucket 'bucket-8x8': manifest says 11 samples, shards hold 10" in problem
     assert train_main(run_cfg(data, tmp_path / "run")) == 2
@@ -244,9 +244,7 @@ def test_build_loader_feeds_every_layout_the_same_batches(producer):
         batches[name] = [next(loader) for _ in range(2 * loader.batches_per_epoch)]
         loader.close()
     for a, b in zip(batches["folders"], batches["flat"]):
-        assert (
-            a["ids"] == b["ids"] and torch.equal(a["latent"], b["latent"]) and torch.equal(a["t5"], b["t5"])
-        )
+        assert a.ids == b.ids and torch.equal(a.latent, b.latent) and torch.equal(a.t5, b.t5)
 
 
 @pytest.mark.parametrize(
@@ -281,6 +279,6 @@ def test_every_backend_reads_another_producers_shards_alike(tmp_path, kind):
         finally:
             loader.close()
     for a, b in zip(got[kind], got["gpu-cache"]):
-        assert a["ids"] == b["ids"] and a["captions"] == b["captions"]
+        assert a.ids == b.ids and a.captions == b.captions
         for k in ("latent", "dino", "t5", "t5_mask", "flipped", "drop_text"):
-            assert torch.equal(a[k], b[k]), k
+            assert torch.equal(getattr(a, k), getattr(b, k)), k

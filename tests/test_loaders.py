@@ -7,6 +7,7 @@ pipeline, ``device_id=None``; skipped with a reason when DALI is not installed).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -19,14 +20,16 @@ import torch
 from fakedata import write_random_shards
 
 from nanodit.data import build_loader
+from nanodit.data.batch import Batch, make_batch
 from nanodit.data.dali_loader import DaliLoader, dali_available
 from nanodit.data.gpu_cache import GpuCacheLoader, cache_bytes
 from nanodit.data.index import build_index, group_members, index_path, read_wds_index, scan_tar
-from nanodit.data.loader import BATCH_KEYS, MemoryLoader, Semantics, epoch_schedule, pad_packed
+from nanodit.data.loader import MemoryLoader, Semantics, epoch_schedule, pad_packed
 from nanodit.data.shards import ShardError, ShardWriter, read_all
 from nanodit.data.wds_loader import SlotRing, WebDatasetLoader, finite, max_batch_rows
 
 NO_DALI = "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130 to run the DALI CPU pipeline)"
+BATCH_FIELDS = [f.name for f in dataclasses.fields(Batch)]
 BACKENDS = [
     "gpu-cache",
     "webdataset",
@@ -60,10 +63,10 @@ def make(kind: str, shards, s: Semantics, device: str = "cpu"):
     return DaliLoader(index, s, device, threads=2, chunk_samples=10)  # small chunks: rebuilt every epoch
 
 
-def assert_same_batch(got: dict, want: dict, where: str) -> None:
-    assert set(got) == set(BATCH_KEYS), where
-    for k in BATCH_KEYS:
-        a, b = got[k], want[k]
+def assert_same_batch(got: Batch, want: Batch, where: str) -> None:
+    assert type(got) is type(want) is Batch, where
+    for k in BATCH_FIELDS:
+        a, b = getattr(got, k), getattr(want, k)
         if torch.is_tensor(b):
             assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {k} {a.dtype}{tuple(a.shape)}"
             assert torch.equal(a, b), f"{where}: {k} differs"
@@ -71,6 +74,29 @@ def assert_same_batch(got: dict, want: dict, where: str) -> None:
                 assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{where}: {k} bits differ"
         else:
             assert a == b, f"{where}: {k}: {a} != {b}"
+
+
+def test_make_batch_reads_the_flag_rows_and_to_moves_only_tensors():
+    """make_batch takes (3, B) flags, bool or 0/1 integers, as the rows flipped, drop_text, drop_dino;
+    Batch.to moves every tensor and keeps ids, captions and the epoch."""
+    half = dict(dtype=torch.float16)
+    flags = torch.tensor([[1, 0], [0, 1], [1, 1]])  # (3, B) int64, as gpu-cache and dali upload them
+    b = make_batch(
+        torch.zeros(2, 16, 4, 4, **half),
+        torch.zeros(2, 8, **half),
+        torch.zeros(2, 8, 4, **half),
+        torch.ones(2, 8, dtype=torch.bool),
+        flags,
+        ["a", "b"],
+        ["x", "y"],
+        3,
+    )
+    assert [b.flipped.tolist(), b.drop_text.tolist(), b.drop_dino.tolist()] == flags.bool().tolist()
+    assert b.flipped.dtype == b.drop_text.dtype == b.drop_dino.dtype == torch.bool
+    moved = b.to(torch.device("meta"))
+    tensors = [k for k in BATCH_FIELDS if torch.is_tensor(getattr(b, k))]
+    assert len(tensors) == 7 and all(getattr(moved, k).is_meta for k in tensors) and not b.latent.is_meta
+    assert (moved.ids, moved.captions, moved.epoch) == (["a", "b"], ["x", "y"], 3)
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -102,7 +128,7 @@ def test_cuda_batches_equal_the_memory_loader(shards, kind, world):
         try:
             for step in range(2 * ref.batches_per_epoch):
                 got, want = next(loader), next(ref)
-                assert all(got[k].is_cuda for k in BATCH_KEYS if torch.is_tensor(got[k]))
+                assert all(getattr(got, k).is_cuda for k in BATCH_FIELDS if torch.is_tensor(getattr(got, k)))
                 assert_same_batch(got, want, f"cuda {kind} rank {rank}/{world} step {step}")
         finally:
             loader.close()
@@ -119,7 +145,7 @@ def test_last_batch_drop_and_no_flips(tmp_path, kind):
     try:
         for step in range(2 * ref.batches_per_epoch):
             b = next(ref)
-            assert len(b["ids"]) == 3 and not b["flipped"].any()
+            assert len(b.ids) == 3 and not b.flipped.any()
             assert_same_batch(next(loader), b, f"{kind} step {step}")
     finally:
         loader.close()
@@ -141,7 +167,7 @@ def test_shuffled_stream_properties(shards, kind, world):
             loader.close()
     assert len({len(st) for st in streams}) == 1  # equal steps per rank
     for step in range(len(streams[0])):
-        buckets = {tuple(st[step]["latent"].shape[2:]) for st in streams}
+        buckets = {tuple(st[step].latent.shape[2:]) for st in streams}
         assert len(buckets) == 1  # the same bucket on every rank at every step
     per_epoch = len(streams[0]) // 2
     orders = []
@@ -149,21 +175,21 @@ def test_shuffled_stream_properties(shards, kind, world):
         seen = Counter()
         for st in streams:
             for b in st[epoch * per_epoch : (epoch + 1) * per_epoch]:
-                assert b["epoch"] == epoch
-                assert len({bucket_of[i] for i in b["ids"]}) == 1  # no bucket mixing
-                assert tuple(b["latent"].shape[2:]) == bucket_of[b["ids"][0]]
-                seen.update(b["ids"])
-                B, L = b["t5_mask"].shape
-                lens = b["t5_mask"].sum(1)
+                assert b.epoch == epoch
+                assert len({bucket_of[i] for i in b.ids}) == 1  # no bucket mixing
+                assert tuple(b.latent.shape[2:]) == bucket_of[b.ids[0]]
+                seen.update(b.ids)
+                B, L = b.t5_mask.shape
+                lens = b.t5_mask.sum(1)
                 assert L % 8 == 0 and L - 8 < int(lens.max()) <= L
                 for i in range(B):
-                    assert b["t5_mask"][i, : lens[i]].all()
-                    assert torch.count_nonzero(b["t5"][i, lens[i] :]) == 0  # padding exactly zero
-                    assert not (b["t5"][i, lens[i] :].view(torch.int16)).any()  # not even -0.0
+                    assert b.t5_mask[i, : lens[i]].all()
+                    assert torch.count_nonzero(b.t5[i, lens[i] :]) == 0  # padding exactly zero
+                    assert not (b.t5[i, lens[i] :].view(torch.int16)).any()  # not even -0.0
         assert max(seen.values()) == 1  # no repeat within an epoch, across all ranks
         if world == 1:
             assert len(seen) == len(bucket_of)  # partial last batches: every sample, every epoch
-        orders.append([tuple(b["ids"]) for b in streams[0][epoch * per_epoch : (epoch + 1) * per_epoch]])
+        orders.append([tuple(b.ids) for b in streams[0][epoch * per_epoch : (epoch + 1) * per_epoch]])
     assert orders[0] != orders[1]  # the order changes across epochs
 
 
@@ -364,7 +390,7 @@ def test_build_loader_picks_and_configures_backends(tmp_path, monkeypatch):
     assert loader.name == "gpu-cache" and "cpu" in loader.reason and loader.root == tmp_path
     assert cache_bytes(manifest, sem()) >= loader.nbytes
     _, loader = build_loader(cfg("data.loader=webdataset", "data.num_workers=0"), torch.device("cpu"))
-    assert loader.name == "webdataset" and next(loader)["t5"].dtype == torch.float16
+    assert loader.name == "webdataset" and next(loader).t5.dtype == torch.float16
     _, loader = build_loader(cfg("data.rank=1", "data.world_size=2"), torch.device("cpu"))
     assert loader.sem.rank == 1 and loader.sem.world_size == 2
     with pytest.raises(ConfigError, match=r"data.rank=2 must be in \[0, data.world_size=2\)"):

@@ -25,6 +25,7 @@ import nanodit.checkpoint as ckpt_mod
 import nanodit.train as train_mod
 from nanodit.checkpoint import CheckpointError, list_checkpoints
 from nanodit.config import load_config
+from nanodit.data.prepare import prepare
 from nanodit.nonfinite import StepGuard
 from nanodit.resume import ResumeError
 from nanodit.train import TrainError, main, train
@@ -35,10 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """The smoke config's shapes set, generated once for every run of this file."""
-    from nanodit.data import ensure_synthetic
-
     d = tmp_path_factory.mktemp("cache")
-    ensure_synthetic(load_config("smoke", [f"data.cache_dir={d}"]))
+    prepare(load_config("smoke", [f"data.cache_dir={d}"]))
     return d
 
 

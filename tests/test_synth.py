@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanodit.data.synth import (
+from nanodit.data.text import swap_left_right
+from nanodit.shapes import (
     CODEC_SCALE,
     PALETTE,
     SHAPES,
@@ -36,7 +37,6 @@ from nanodit.data.synth import (
     score_text_manip,
     text_manip_target,
 )
-from nanodit.data.text import swap_left_right
 
 
 def scenes(n: int, seed: int = 0) -> list[Scene]:

@@ -26,7 +26,7 @@ from test_scores import alexnet_weights
 
 from nanodit.config import load_config
 from nanodit.data.shards import ShardWriter, read_all
-from nanodit.data.synth import Scene, ShapesCodec, flip_scene, make_dataset, render
+from nanodit.shapes import Scene, ShapesCodec, flip_scene, make_dataset, render
 from nanodit.validation import TESTS, read_val_samples, run_validation, select_cases
 from nanodit.validation.cli import main
 from nanodit.validation.metrics import load_lpips

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanodit.data.batch import Batch, make_batch
 from nanodit.data.index import ARRAYS, DINO, LATENT, T5, SampleIndex
 from nanodit.data.loader import ScheduledLoader, Semantics, epoch_schedule, padded_length, sample_flags
 from nanodit.data.shards import ShardError
@@ -240,7 +241,7 @@ class DaliLoader(ScheduledLoader):
         feed_ndarray(t, dst, cuda_stream=stream)  # a copy: DALI reuses its output buffers
         return dst
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         if not self._plan:
             self._start_chunk()
         epoch, index, bucket, idx, order, flips, drop_text, drop_dino = self._plan.popleft()
@@ -263,15 +264,13 @@ class DaliLoader(ScheduledLoader):
         t5 = t5[:n, :L].index_select(0, back)  # (B, L, Dt)
         if self._padded_t5:  # stored padded (+ mask): zero what lies past each valid prefix
             t5 = t5.masked_fill(~mask[:, :, None], 0)
-        return {
-            "latent": lat[:n].index_select(0, back),  # (B, C, H, W) fp16
-            "dino": dino[:n].index_select(0, back),  # (B, Dd) fp16
-            "t5": t5,
-            "t5_mask": mask,
-            "drop_text": h[3].bool(),
-            "drop_dino": h[4].bool(),
-            "flipped": h[2].bool(),
-            "ids": [ib.ids[i] for i in idx],
-            "captions": [ib.flip_txt[i] if f else ib.txt[i] for i, f in zip(idx, flips)],
-            "epoch": epoch,
-        }
+        return make_batch(
+            lat[:n].index_select(0, back),  # (B, C, H, W) fp16
+            dino[:n].index_select(0, back),  # (B, Dd) fp16
+            t5,
+            mask,
+            h[2:],  # (3, B): flipped, drop_text, drop_dino
+            [ib.ids[i] for i in idx],
+            [ib.flip_txt[i] if f else ib.txt[i] for i, f in zip(idx, flips)],
+            epoch,
+        )

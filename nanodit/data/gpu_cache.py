@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nanodit.data.batch import Batch, make_batch
 from nanodit.data.loader import ScheduledLoader, Semantics, padded_length, rank_block, sample_flags
 from nanodit.data.shards import Sample
 
@@ -89,7 +90,7 @@ class GpuCacheLoader(ScheduledLoader):
         """Device bytes held by the cache."""
         return sum(c.nbytes() for c in self.cache.values())
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         epoch, bucket, idx = self._advance()
         c = self.cache[bucket]
         local = np.asarray(idx, dtype=np.int64) - c.start  # (B,)
@@ -103,15 +104,13 @@ class GpuCacheLoader(ScheduledLoader):
         # advanced indexing: one gather kernel on the GPU, and 4x faster than index_select for fp16 on the CPU
         t5 = c.t5[r, :L]  # (B, L, Dt): the stored zeros are the padding
         mask = torch.arange(L, device=self.device)[None, :] < c.lens_dev[r][:, None]  # (B, L)
-        return {
-            "latent": c.latent[r],  # (B, C, H, W) fp16
-            "dino": c.dino[r],  # (B, Dd) fp16
-            "t5": t5,
-            "t5_mask": mask,
-            "drop_text": dev[2].bool(),  # (B,)
-            "drop_dino": dev[3].bool(),  # (B,)
-            "flipped": dev[1].bool(),  # (B,)
-            "ids": ids,
-            "captions": [c.flip_txt[i] if f else c.txt[i] for i, f in zip(local, flips)],
-            "epoch": epoch,
-        }
+        return make_batch(
+            c.latent[r],  # (B, C, H, W) fp16
+            c.dino[r],  # (B, Dd) fp16
+            t5,
+            mask,
+            dev[1:],  # (3, B): flipped, drop_text, drop_dino
+            ids,
+            [c.flip_txt[i] if f else c.txt[i] for i, f in zip(local, flips)],
+            epoch,
+        )

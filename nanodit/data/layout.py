@@ -149,8 +149,8 @@ def _groups_from_folders(root: Path) -> tuple[str, list[tuple]]:
         groups.insert(0, (".", None, None, own))
     if not groups:
         raise ShardError(
-            f"{root}: no manifest.json and no .tar shards (is it a shard folder? `python -m nanodit.data synth` "
-            "makes one)",
+            f"{root}: no manifest.json and no .tar shards (is it a shard folder? `python -m nanodit.data synth "
+            "data.path=DIR` makes one)",
             "manifest",
         )
     return ("bucket-folders" if not own else "flat"), groups
@@ -281,54 +281,9 @@ def resolve(spec: str | Path, keys: Keys | None = None, t5_max_len: int | None =
     if keys is None:  # a reader given only the path: read it as the run that registered it does
         keys, registered_len = _OPTIONS.get(os.path.abspath(spec), (DEFAULT_KEYS, None))
         t5_max_len = t5_max_len or registered_len
-    root, stated = Path(spec), {}
-    if root.is_dir():
-        if (root / MANIFEST).is_file():
-            stated = _read_manifest(root / MANIFEST)
-        if "buckets" in stated:
-            kind, groups = "manifest", _groups_from_manifest(root, stated)
-        else:
-            kind, groups = _groups_from_folders(root)
-    else:
-        tars = expand_spec(spec)
-        root = Path(os.path.commonpath([str(t.parent.absolute()) for t in tars]))
-        kind, groups = "list", [(spec, None, None, tars)]
-
-    shards: list[Path] = []
-    listed: dict[Path, set] = {}
-    per_shard: dict[Path, dict] = {}  # tar -> {bucket: samples}
-    members: dict[Path, list] = {}
-    problems: list[ShardError] = []
-    for label, declared, count, tars in groups:
-        found = 0
-        for tar in tars:
-            if tar not in per_shard:
-                shards.append(tar)
-                members[tar] = tar_samples(tar)
-                if declared is not None:
-                    per_shard[tar] = {declared: len(members[tar])}
-                else:
-                    got: dict = {}
-                    for b in _scan_buckets(tar, members[tar], keys):
-                        got[b] = got.get(b, 0) + 1
-                    per_shard[tar] = got
-            listed.setdefault(tar, set()).update(b for b in per_shard[tar] if b is not None)
-            found += sum(per_shard[tar].values())
-        if count is not None and count != found:
-            problems.append(
-                ShardError(
-                    f"{root / MANIFEST}: bucket {label!r}: manifest says {count} samples, shards hold {found}",
-                    "count",
-                )
-            )
-    buckets: dict[tuple[int, int], dict] = {}
-    for tar in shards:
-        for b, n in per_shard[tar].items():
-            if b is None:
-                continue
-            entry = buckets.setdefault(b, {"count": 0, "shards": []})
-            entry["count"] += n
-            entry["shards"].append(_rel(tar, root) if kind != "list" else str(tar.absolute()))
+    root, stated, kind, groups = _find_groups(spec)
+    shards, listed, per_shard, members, problems = _read_groups(root, groups, keys)
+    buckets = _bucket_entries(shards, per_shard, root, kind)
     total = sum(sum(per_shard[tar].values()) for tar in shards)  # what the tars hold, bucketed or not
     if "count" in stated and stated["count"] != total and not problems:
         problems.append(
@@ -354,6 +309,73 @@ def resolve(spec: str | Path, keys: Keys | None = None, t5_max_len: int | None =
     if keys.custom():
         manifest["keys"] = keys.custom()
     return Layout(spec, root, kind, manifest, shards, listed, problems, members)
+
+
+def _find_groups(spec: str) -> tuple[Path, dict, str, list[tuple]]:
+    """(root, the manifest's own fields, layout kind, groups of (label, declared bucket, stated count, tars))."""
+    root, stated = Path(spec), {}
+    if root.is_dir():
+        if (root / MANIFEST).is_file():
+            stated = _read_manifest(root / MANIFEST)
+        if "buckets" in stated:
+            return root, stated, "manifest", _groups_from_manifest(root, stated)
+        return root, stated, *_groups_from_folders(root)
+    tars = expand_spec(spec)
+    root = Path(os.path.commonpath([str(t.parent.absolute()) for t in tars]))
+    return root, stated, "list", [(spec, None, None, tars)]
+
+
+def _read_groups(root: Path, groups: list[tuple], keys: Keys) -> tuple[list, dict, dict, dict, list]:
+    """Every tar's headers read once: (shards in read order, buckets each is listed under, {bucket: samples} per
+    tar, its members, problems); a group whose stated count differs from what its tars hold is a problem."""
+    shards: list[Path] = []
+    listed: dict[Path, set] = {}
+    per_shard: dict[Path, dict] = {}  # tar -> {bucket: samples}
+    members: dict[Path, list] = {}
+    problems: list[ShardError] = []
+    for label, declared, count, tars in groups:
+        found = 0
+        for tar in tars:
+            if tar not in per_shard:
+                shards.append(tar)
+                members[tar] = tar_samples(tar)
+                per_shard[tar] = _shard_buckets(tar, members[tar], declared, keys)
+            listed.setdefault(tar, set()).update(b for b in per_shard[tar] if b is not None)
+            found += sum(per_shard[tar].values())
+        if count is not None and count != found:
+            problems.append(
+                ShardError(
+                    f"{root / MANIFEST}: bucket {label!r}: manifest says {count} samples, shards hold {found}",
+                    "count",
+                )
+            )
+    return shards, listed, per_shard, members, problems
+
+
+def _shard_buckets(tar: Path, members: list, declared: tuple[int, int] | None, keys: Keys) -> dict:
+    """{bucket: samples} of one tar: all in its folder's bucket when one is declared, else each sample's own
+    (None: a sample whose bucket cannot be told)."""
+    if declared is not None:
+        return {declared: len(members)}
+    got: dict = {}
+    for b in _scan_buckets(tar, members, keys):
+        got[b] = got.get(b, 0) + 1
+    return got
+
+
+def _bucket_entries(
+    shards: list[Path], per_shard: dict, root: Path, kind: str
+) -> dict[tuple[int, int], dict]:
+    """The manifest's bucket entries: samples and shards (relative to root; absolute for a list of tars)."""
+    buckets: dict[tuple[int, int], dict] = {}
+    for tar in shards:
+        for b, n in per_shard[tar].items():
+            if b is None:
+                continue
+            entry = buckets.setdefault(b, {"count": 0, "shards": []})
+            entry["count"] += n
+            entry["shards"].append(_rel(tar, root) if kind != "list" else str(tar.absolute()))
+    return buckets
 
 
 def _number(stated: dict, key: str, where: Path) -> int:

@@ -32,20 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nanodit.data.batch import Batch, make_batch
 from nanodit.data.shards import Sample
-
-BATCH_KEYS = (
-    "latent",
-    "dino",
-    "t5",
-    "t5_mask",
-    "drop_text",
-    "drop_dino",
-    "flipped",
-    "ids",
-    "captions",
-    "epoch",
-)
 
 
 def unit_hash(*parts: object) -> float:
@@ -138,7 +126,7 @@ def padded_length(lengths: list[int], multiple: int) -> int:
     return -(-max(lengths) // multiple) * multiple
 
 
-def collate(samples: list[Sample], epoch: int, sem: Semantics) -> dict:
+def collate(samples: list[Sample], epoch: int, sem: Semantics) -> Batch:
     """Samples of one bucket -> a batch of CPU tensors (fp16 arrays stay fp16)."""
     flips, drop_text, drop_dino = sample_flags(
         [s.id for s in samples], [s.has_flip for s in samples], epoch, sem
@@ -152,18 +140,16 @@ def collate(samples: list[Sample], epoch: int, sem: Semantics) -> dict:
     for i, a in enumerate(t5):
         t5_pad[i, : a.shape[0]] = a
         mask[i, : a.shape[0]] = True
-    return {
-        "latent": torch.from_numpy(np.stack(lat)),  # (B, C, H, W) fp16
-        "dino": torch.from_numpy(np.stack(dino)),  # (B, Dd) fp16
-        "t5": torch.from_numpy(t5_pad),  # (B, L, Dt) fp16
-        "t5_mask": torch.from_numpy(mask),  # (B, L) bool
-        "drop_text": torch.tensor(drop_text),  # (B,) bool
-        "drop_dino": torch.tensor(drop_dino),  # (B,) bool
-        "flipped": torch.tensor(flips),  # (B,) bool
-        "ids": [s.id for s in samples],
-        "captions": [(s.flip_txt if f else s.txt) for s, f in zip(samples, flips)],
-        "epoch": epoch,
-    }
+    return make_batch(
+        torch.from_numpy(np.stack(lat)),  # (B, C, H, W) fp16
+        torch.from_numpy(np.stack(dino)),  # (B, Dd) fp16
+        torch.from_numpy(t5_pad),  # (B, L, Dt) fp16
+        torch.from_numpy(mask),  # (B, L) bool
+        torch.tensor([flips, drop_text, drop_dino]),  # (3, B) bool
+        [s.id for s in samples],
+        [(s.flip_txt if f else s.txt) for s, f in zip(samples, flips)],
+        epoch,
+    )
 
 
 def pad_packed(packed: torch.Tensor, lengths: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,16 +232,10 @@ class ScheduledLoader:
         self.index += 1
         return self.epoch, bucket, idx
 
-    def _to_device(self, batch: dict) -> dict:
-        nb = self.device.type == "cuda"
-        return {
-            k: (v.to(self.device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()
-        }
-
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -279,7 +259,7 @@ class MemoryLoader(ScheduledLoader):
         self.groups = groups
         super().__init__({b: len(s) for b, s in groups.items()}, sem, device)
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         epoch, bucket, idx = self._advance()
         batch = collate([self.groups[bucket][i] for i in idx], epoch, self.sem)
-        return self._to_device(batch)
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")

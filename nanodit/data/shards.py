@@ -15,7 +15,7 @@ Two readers apply the same per-sample check (``index.check_sample``): the decode
 ``read_all``: WebDataset records, every array in memory; validation and the tests' reference) and the index
 (``index.build_index``: headers and arrays by offset; ``data check`` and every loader). A sample that breaks the
 schema raises ``ShardError`` naming the shard, the sample, the key and what is wrong. ``python -m nanodit.data
-check DIR`` reads every sample and prints counts per bucket and the problems found.
+check data.path=DIR`` reads every sample and prints counts per bucket and the problems found.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nanodit.data.check import check_data
+from nanodit.data.index import BytesMembers, Rules, check_sample, sample_arrays
 from nanodit.data.layout import FORMAT, MANIFEST, Layout, load_manifest, resolve, shard_paths  # noqa: F401
 from nanodit.data.schema import FLIP_KEYS, FORBIDDEN_EXT, REQUIRED, Sample, ShardError, Tally  # noqa: F401
+from nanodit.data.tars import write_wds_index
 
 
 def bucket_name(h: int, w: int) -> str:
@@ -87,8 +90,6 @@ class ShardWriter:
     def _finish(self, bucket: tuple[int, int]) -> None:
         self.writers[bucket].close()
         if self.write_index:
-            from nanodit.data.tars import write_wds_index
-
             write_wds_index(self.out / self.shards[bucket][-1])
 
     def write(self, sample: dict) -> None:
@@ -151,8 +152,6 @@ class ShardWriter:
 def decode_sample(raw: dict, url: str, manifest: dict, listed: set | None = None) -> Sample:
     """Validate and decode one raw WebDataset record (bytes per key) against the schema (``check_sample``,
     arrays included); ``listed``: the buckets its shard is listed under (empty: any)."""
-    from nanodit.data.index import BytesMembers, Rules, check_sample, sample_arrays
-
     rules = Rules.of(manifest, values=True, streaming=False)
     key = str(raw.get("__key__", "?"))
     members = BytesMembers(rules.keys.rename({k: v for k, v in raw.items() if not k.startswith("__")}))
@@ -234,8 +233,6 @@ def read_all(
 
 def check_dir(root: str | Path) -> tuple[dict[str, int], str | None]:
     """Counts per bucket of the samples that pass every check, and the first problem found (None if clean)."""
-    from nanodit.data.check import check_data
-
     try:
         report = check_data(root, progress=False)
     except ShardError as e:

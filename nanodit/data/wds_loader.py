@@ -19,8 +19,8 @@ captions of any bucket), live in ONE shared-memory segment that the main process
 fork: its pages stay mapped in every process for the loader's life, so nothing is mapped, page-faulted, zeroed
 or unmapped per batch. (The per-batch alternative, which ``slots=0`` keeps for comparison, has each worker
 allocate fresh shm tensors per batch that the main process maps and faults in, plus the DataLoader's single
-pin thread memcpy-ing every byte into pinned memory: measured at ~2,100 samples/s on an H200 host, flat in the
-number of workers, i.e. bound by the main process.) Batch j of a run goes to slot j % K; a worker returns only
+pin thread memcpy-ing every byte into pinned memory: bound by the main process, whatever the number of workers;
+``bench/bench_loader.py``'s ``-s0`` variants measure it.) Batch j of a run goes to slot j % K; a worker returns only
 metadata (slot, sizes, ids, captions). Flow control: the DataLoader keeps P = num_workers * prefetch batches
 dispatched but not yet yielded, and asks the sampler for the next spec while the batch it is about to yield
 still holds its slot, so P + 1 slots are in use; K = P + 2 leaves one batch for the device copy of the batch
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from nanodit.data.batch import Batch, make_batch
 from nanodit.data.index import ARRAYS, DINO, LATENT, T5, SampleIndex
 from nanodit.data.loader import ScheduledLoader, Semantics, pad_packed, padded_length, sample_flags, upcoming
 from nanodit.data.schema import ShardError, all_finite
@@ -321,22 +322,6 @@ def _worker_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _batch(latent, dino, t5, mask, flags, raw: dict, epoch: int) -> dict:
-    """The batch dict every loader yields (flags rows: flipped, drop_text, drop_dino)."""
-    return {
-        "latent": latent,  # (B, C, H, W) fp16
-        "dino": dino,  # (B, Dd) fp16
-        "t5": t5,  # (B, L, Dt) fp16
-        "t5_mask": mask,  # (B, L)
-        "drop_text": flags[1],  # (B,)
-        "drop_dino": flags[2],
-        "flipped": flags[0],
-        "ids": raw["ids"],
-        "captions": raw["captions"],
-        "epoch": epoch,
-    }
-
-
 class WebDatasetLoader(ScheduledLoader):
     """The streaming backend over a DataLoader (see the module docstring).
 
@@ -423,7 +408,7 @@ class WebDatasetLoader(ScheduledLoader):
         except Exception:
             pass
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         if self._it is None:
             self._start()
         raw = next(self._it)
@@ -442,7 +427,7 @@ class WebDatasetLoader(ScheduledLoader):
         else:  # the slot is reused: a yielded batch owns its memory
             out, event = (latent.clone(), dino.clone(), *pad_packed(packed, lens, L), flags.clone()), None
         self._ring.release(raw["slot"], event)
-        return _batch(*out, raw, epoch)
+        return make_batch(*out, raw["ids"], raw["captions"], epoch)
 
     def _copy_out_cuda(self, latent, dino, packed, lens, flags, L: int):
         """DMA the slot's fields on the copy stream (overlapping the step on the current stream), pad T5 there,
@@ -461,7 +446,7 @@ class WebDatasetLoader(ScheduledLoader):
             t.record_stream(main)
         return out, event
 
-    def _legacy(self, raw: dict, epoch: int) -> dict:
+    def _legacy(self, raw: dict, epoch: int) -> Batch:
         """``slots=0``: the batch arrived as fresh shared-memory tensors (pinned by the DataLoader on CUDA)."""
         dev, nb = self.device, self.device.type == "cuda"
         lens = raw["t5_len"]
@@ -469,4 +454,4 @@ class WebDatasetLoader(ScheduledLoader):
         t5, mask = pad_packed(raw["t5_packed"].to(dev, non_blocking=nb), lens.to(dev, non_blocking=nb), L)
         flags = raw["flags"].to(dev, non_blocking=nb)
         latent, dino = raw["latent"].to(dev, non_blocking=nb), raw["dino"].to(dev, non_blocking=nb)
-        return _batch(latent, dino, t5, mask, flags, raw, epoch)
+        return make_batch(latent, dino, t5, mask, flags, raw["ids"], raw["captions"], epoch)

@@ -19,7 +19,7 @@ import numpy as np
 from nanodit.data.layout import resolve
 from nanodit.data.schema import Sample, parse_bucket
 from nanodit.data.shards import iter_samples
-from nanodit.data.synth import Scene, dino_swap_pairs
+from nanodit.shapes import Scene, dino_swap_pairs
 
 SHAPES_CODEC = "shapes-s2d"
 TESTS = ("recon", "dino_swap", "text_manip")
@@ -79,8 +79,8 @@ def round_robin(per_bucket: dict, n: int) -> list:
 
 def swap_pairs(samples: list[Sample], shapes: bool, seed: int) -> list[tuple[Sample, Sample]]:
     """DINO-swap pairs (A, B) within one bucket. Shapes: telling pairs only (light directions >= 90 deg
-    apart, different objects: ``synth.dino_swap_pairs``); real data: A = i-th, B = the sample half the
-    bucket further on (sorted ids)."""
+    apart, different objects: ``nanodit.shapes.dino_swap_pairs``); real data: A = i-th, B = the sample half
+    the bucket further on (sorted ids)."""
     n = len(samples)
     if n < 2:
         return []

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from nanodit.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from nanodit.config import Config, ConfigError, check, from_dict
-from nanodit.data import data_root
+from nanodit.data.prepare import prepare
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.model import build_model
@@ -71,7 +71,7 @@ def validate_checkpoint(
     cfg, state, ckpt = load_run(run, checkpoint, overrides or [])
     device = pick_device(cfg.train.device)
     set_precision(cfg.train.precision, device)
-    manifest_data, groups = read_val_samples(data_root(cfg), cfg.val.samples, cfg.data.on_error)
+    manifest_data, groups = read_val_samples(prepare(cfg), cfg.val.samples, cfg.data.on_error)
     manifest = state.get("manifest") or manifest_data
     model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
     model.load_state_dict(state["ema"])

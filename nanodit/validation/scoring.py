@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import nanodit.validation.metrics as metrics
-from nanodit.data.synth import (
+from nanodit.shapes import (
     Scene,
     lighting_matches,
     objects_match,

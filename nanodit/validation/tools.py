@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nanodit.config import ValConfig
-from nanodit.data.synth import ShapesCodec
+from nanodit.shapes import ShapesCodec
 from nanodit.validation.cases import SHAPES_CODEC, is_shapes
 from nanodit.validation.metrics import load_lpips
 
