@@ -160,6 +160,31 @@ def test_key_map_reads_shards_named_otherwise(tmp_path, capsys):
     assert sum(map(len, groups.values())) == 12 and groups[(8, 8)][0].txt.startswith("a red square")
 
 
+@pytest.mark.parametrize("bad", [1, "vae.npy", ["latent"], {"latent": 3}, {"nope": "x.npy"}])
+def test_a_malformed_key_map_in_the_manifest_is_one_line(tmp_path, bad):
+    """The manifest's own "keys" record, malformed (found by the fuzzer: ``{"keys": 1}`` was a traceback):
+    one line naming the manifest file and the key."""
+    data = stage2_writer.write(tmp_path / "d", samples=4)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "keys": bad}))
+    with pytest.raises(ShardError) as e:
+        build_index(resolve(data, Keys()), "skip")
+    msg = str(e.value)
+    assert "\n" not in msg and str(data / "manifest.json") in msg and msg.split(": ")[1].startswith("keys")
+
+
+def test_the_manifest_key_map_applies_when_the_config_names_none(tmp_path):
+    """A manifest that records its key map reads without data.keys.*; a map in the config wins over it."""
+    rename = {"latent.npy": "vae.npy"}
+    data = stage2_writer.write(tmp_path / "d", samples=8, rename=rename)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "keys": {"latent": "vae.npy"}}))
+    index = build_index(resolve(data, Keys()), "raise")
+    assert sum(index.counts.values()) == 8
+    with pytest.raises(ShardError, match="missing key 'lat.npy'"):
+        build_index(resolve(data, Keys.from_fields({"latent": "lat.npy"})), "raise")
+
+
 def test_project_manifest_still_reads_as_before(tmp_path):
     """This project's own layout: manifest shard lists, bucket_<h>x<w> folders, and its counts kept."""
     w = ShardWriter(tmp_path, samples_per_shard=2)

@@ -282,6 +282,7 @@ def resolve(spec: str | Path, keys: Keys | None = None, t5_max_len: int | None =
         keys, registered_len = _OPTIONS.get(os.path.abspath(spec), (DEFAULT_KEYS, None))
         t5_max_len = t5_max_len or registered_len
     root, stated, kind, groups = _find_groups(spec)
+    keys = _manifest_keys(stated, keys, root / MANIFEST)
     shards, listed, per_shard, members, problems = _read_groups(root, groups, keys)
     buckets = _bucket_entries(shards, per_shard, root, kind)
     total = sum(sum(per_shard[tar].values()) for tar in shards)  # what the tars hold, bucketed or not
@@ -376,6 +377,18 @@ def _bucket_entries(
             entry["count"] += n
             entry["shards"].append(_rel(tar, root) if kind != "list" else str(tar.absolute()))
     return buckets
+
+
+def _manifest_keys(stated: dict, keys: Keys, where: Path) -> Keys:
+    """A manifest may record its own key map (``"keys": {"latent": "lat.npy"}``); it applies when the config
+    names none (``data.keys`` wins)."""
+    if "keys" not in stated:
+        return keys
+    try:
+        own = Keys.from_fields(stated["keys"], "keys")
+    except ShardError as e:
+        raise ShardError(f"{where}: {e}", "manifest") from None
+    return own if keys == DEFAULT_KEYS else keys
 
 
 def _number(stated: dict, key: str, where: Path) -> int:

@@ -98,17 +98,25 @@ class Keys:
     stored: dict[str, str] = field(default_factory=lambda: {c: c for c in FIELDS.values()})
 
     @classmethod
-    def from_fields(cls, fields: dict | None) -> Keys:
-        """From ``data.keys`` (config field -> stored extension); unset fields keep the canonical name."""
+    def from_fields(cls, fields: dict | None, label: str = "data.keys") -> Keys:
+        """From ``data.keys`` (config field -> stored extension); unset fields keep the canonical name.
+        ``label`` names where the map came from in errors."""
         stored = {c: c for c in FIELDS.values()}
+        if fields is not None and not isinstance(fields, dict):
+            raise ShardError(
+                f"{label}: must be a mapping of field -> stored extension, not {type(fields).__name__}",
+                "config",
+            )
         for name, ext in (fields or {}).items():
-            if name not in FIELDS:
-                raise ShardError(f"data.keys.{name}: unknown key (known: {', '.join(FIELDS)})", "config")
+            if not isinstance(name, str) or name not in FIELDS:
+                raise ShardError(f"{label}.{name}: unknown key (known: {', '.join(FIELDS)})", "config")
+            if ext is not None and not isinstance(ext, str):
+                raise ShardError(f"{label}.{name}: must be a file extension string, not {ext!r}", "config")
             if ext:
-                stored[FIELDS[name]] = str(ext)
+                stored[FIELDS[name]] = ext
         if len(set(stored.values())) != len(stored):
             dup = [e for e, n in Counter(stored.values()).items() if n > 1][0]
-            raise ShardError(f"data.keys: {dup!r} is mapped to two keys", "config")
+            raise ShardError(f"{label}: {dup!r} is mapped to two keys", "config")
         return cls(stored)
 
     def custom(self) -> dict[str, str]:
