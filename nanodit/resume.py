@@ -21,10 +21,12 @@ What may differ between the checkpoint's run and this one:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 from nanodit.checkpoint import CheckpointError, first_line, list_checkpoints, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 FREE = (
     "train.steps",
@@ -71,9 +73,7 @@ class ResumeError(CheckpointError):
     """This run cannot continue the checkpoint; the message is one line and says what differs."""
 
 
-def pick_checkpoint(
-    run_dir: Path, resume: str, map_location, say: Callable
-) -> tuple[Path | None, dict | None]:
+def pick_checkpoint(run_dir: Path, resume: str, map_location) -> tuple[Path | None, dict | None]:
     """(path, state) to resume from for ``train.resume`` (none | auto | PATH), or (None, None)."""
     if resume == "none":
         return None, None
@@ -81,7 +81,7 @@ def pick_checkpoint(
         return Path(resume), load_checkpoint(resume, map_location=map_location)
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
-        say(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}: starting at step 0")
+        log.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}: starting at step 0")
         return None, None
     for path in reversed(ckpts):
         try:
@@ -89,9 +89,9 @@ def pick_checkpoint(
         except CheckpointError as e:
             bad = path.with_name(path.name + ".corrupt")
             path.replace(bad)  # never picked again, kept for a look
-            say(f"warning: resume=auto: {e}; renamed it {bad.name}, trying the one before")
+            log.warning(f"resume=auto: {e}; renamed it {bad.name}, trying the one before")
             continue
-        say(
+        log.info(
             f"resume=auto: {len(ckpts)} checkpoint(s) in {run_dir / 'checkpoints'}; resuming from {path.name} (step {state['step']})"
         )
         return path, state
@@ -143,7 +143,7 @@ def check_compatible(state: dict, cfg, manifest: dict | None = None) -> list[str
         counts = lambda m: {b: e.get("count") for b, e in m.get("buckets", {}).items()}  # noqa: E731
         if counts(old_m) != counts(manifest):
             warnings.append(
-                f"warning: resume: the data's buckets changed ({counts(old_m)} -> {counts(manifest)}): the "
+                f"resume: the data's buckets changed ({counts(old_m)} -> {counts(manifest)}): the "
                 "loader's position (epoch, batch) now points at other samples"
             )
     old, new = architecture(old_cfg["model"], old_m), architecture(new_cfg["model"], manifest)
@@ -163,7 +163,7 @@ def check_compatible(state: dict, cfg, manifest: dict | None = None) -> list[str
     ]
     if changed:
         warnings.append(
-            f"warning: resume: changed since the checkpoint: {'; '.join(changed)} (no longer the uninterrupted run)"
+            f"resume: changed since the checkpoint: {'; '.join(changed)} (no longer the uninterrupted run)"
         )
     return warnings
 

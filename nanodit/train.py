@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.flow import training_loss
+from nanodit.logs import add_verbosity, command_logging, ensure_configured, progress_safe, quieted, verbosity
 from nanodit.model import build_model
 from nanodit.nonfinite import StepGuard, grad_norm, stop_message
 from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
@@ -56,6 +57,8 @@ from nanodit.tracing import StepProfiler
 from nanodit.validation import Validator, read_val_samples, write_final
 from nanodit.validation.report import decision_lines
 
+log = logging.getLogger(__name__)
+
 
 class TrainError(RuntimeError):
     """A problem a user can fix; printed as one line."""
@@ -68,14 +71,17 @@ def default_run_dir() -> Path:
 def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> dict:
     """Run a training job described by ``cfg``. Returns a summary dict (also written as summary.json).
 
-    ``stop_after`` (tests): stop after that step with a checkpoint, as if the job had been interrupted.
+    Progress lines go to the ``nanodit`` logger (nanodit/logs.py: printed to stdout unless the program set up
+    logging itself); ``quiet``: no bar, warnings only. ``stop_after`` (tests): stop after that step with a checkpoint, as if the job had been interrupted.
     SIGINT/SIGTERM stop it the same way and raise ``Interrupted`` (nanodit/signals.py).
     """
-    with GracefulStop() as stop:
-        run = setup(cfg, (lambda *a: None) if quiet else print, progress=cfg.run.progress and not quiet)
-        if not loop(run, stop, stop_after):
-            return {"run_dir": str(run.dir), "steps": run.step, "interrupted": True}
-        return teardown(run)
+    ensure_configured()
+    with GracefulStop() as stop, quieted(quiet):
+        run = setup(cfg, progress=cfg.run.progress and not quiet)
+        with progress_safe(run.progress):
+            if not loop(run, stop, stop_after):
+                return {"run_dir": str(run.dir), "steps": run.step, "interrupted": True}
+            return teardown(run)
 
 
 @dataclass
@@ -83,7 +89,6 @@ class Run:
     """Everything a training job holds: built by ``setup``, advanced by ``loop``, closed by ``teardown``."""
 
     cfg: Config
-    say: Callable
     progress: bool  # progress bars (the data check's and the training bar)
     device: torch.device
     autocast: object
@@ -146,21 +151,21 @@ class Run:
 # ---- setup ------------------------------------------------------------------------------------
 
 
-def setup(cfg: Config, say: Callable, progress: bool) -> Run:
+def setup(cfg: Config, progress: bool) -> Run:
     """config -> device -> run folder -> data -> model -> optimizer/EMA -> validator -> compile -> resume."""
     device = pick_device(cfg.train.device)
     autocast = set_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
-    run_dir, resume_from, state = _run_folder(cfg, device, say)
+    run_dir, resume_from, state = _run_folder(cfg, device)
 
     prepare(cfg)  # the built-in shapes set is written here when data.path is null; build_loader only reads
     manifest, loader = build_loader(cfg, device, progress=progress)
-    say(data_line(loader))
+    log.info(data_line(loader))
     for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
-        say(f"warning: {problem}")
+        log.warning("%s", problem)
 
     model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
-    say(
+    log.info(
         f"model: {cfg.model.size} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
         f"kernels={cfg.model.kernels}, attention={cfg.model.attention}, precision={cfg.train.precision}, "
         f"compile={cfg.train.compile}, device={device}"
@@ -179,7 +184,6 @@ def setup(cfg: Config, say: Callable, progress: bool) -> Run:
     fwd, cudagraphs = _compile(cfg, model, device)
     run = Run(
         cfg=cfg,
-        say=say,
         progress=progress,
         device=device,
         autocast=autocast,
@@ -201,12 +205,12 @@ def setup(cfg: Config, say: Callable, progress: bool) -> Run:
     return run
 
 
-def _run_folder(cfg: Config, device: torch.device, say: Callable) -> tuple[Path, Path | None, dict | None]:
+def _run_folder(cfg: Config, device: torch.device) -> tuple[Path, Path | None, dict | None]:
     """The run folder, proven writable, and the checkpoint to resume from (checked against the model)."""
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
     stale = prepare_run_dir(run_dir)  # before any work: a folder that cannot be written is one line
     if stale:
-        say(
+        log.info(
             f"run folder: removed {len(stale)} temp file(s) of an interrupted write ({', '.join(p.name for p in stale)})"
         )
     if cfg.train.resume == "none" and list_checkpoints(run_dir):
@@ -214,7 +218,7 @@ def _run_folder(cfg: Config, device: torch.device, say: Callable) -> tuple[Path,
             f"run.dir={run_dir} already holds checkpoints; pass train.resume=auto to continue it or pick a new run.dir"
         )
     resume_from, state = pick_checkpoint(
-        run_dir, cfg.train.resume, torch.device(pick_device(cfg.train.device)), say
+        run_dir, cfg.train.resume, torch.device(pick_device(cfg.train.device))
     )
     if state is not None:
         check_compatible(state, cfg)  # the model's shape, before the data is read
@@ -243,13 +247,13 @@ def _compile(cfg: Config, model: torch.nn.Module, device: torch.device) -> tuple
 
 def _resume(run: Run, state: dict, path: Path) -> None:
     for warning in check_compatible(state, run.cfg, run.manifest):
-        run.say(warning)
+        log.warning("%s", warning)
     load_into(state, run.model, run.ema, run.optim, path)
     run.loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"], run.generator)
     run.step = int(state["step"])
     run.book = state.get("log", {})  # the loss window and the run's first loss (runlog.py)
-    run.say(f"resume: {path} (step {run.step})")
+    log.info(f"resume: {path} (step {run.step})")
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -287,7 +291,7 @@ def loop(run: Run, stop: GracefulStop, stop_after: int | None = None) -> bool:
             and run.step % cfg.val.every == 0
             and run.step < t.steps
         ):
-            validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, run.say)
+            validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics)
             run.window.t0 = time.perf_counter()
     return True
 
@@ -377,7 +381,7 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
         run.close()
         raise TrainError(stop_message(bad, step, kept))
     if bad:
-        run.say(
+        log.warning(
             f"step {step}: skipped {len(bad)} non-finite step(s) ({', '.join(str(s) for s, _ in bad[:5])})"
         )
 
@@ -412,23 +416,23 @@ def teardown(run: Run) -> dict:
     }
     if run.prof.summary is not None:
         summary["profile"] = run.prof.summary
-        run.say(f"profile: {run.dir / 'profile'} (trace.json, summary.txt)")
+        log.info(f"profile: {run.dir / 'profile'} (trace.json, summary.txt)")
     report = None
     if run.validator is not None and run.cfg.val.at_end:
-        report = validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, run.say, final=True)
+        report = validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, final=True)
         if report is not None:  # the scores themselves are in the report folder's scores.json
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
     run.close()
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
-    run.say(f"done: {run.step} steps, loss {run.first_loss} -> {run.last_loss}")
-    run.say(f"run folder: {run.dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
+    log.info(f"done: {run.step} steps, loss {run.first_loss} -> {run.last_loss}")
+    log.info(f"run folder: {run.dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
     if report is not None:
         for line in decision_lines(report["scores"], report["path"]):
-            run.say(line)
+            log.info(line)
     return summary
 
 
-def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, say, final: bool = False):
+def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, final: bool = False):
     """Judge the EMA weights at ``step`` into ``run_dir/validation/step-<step>/`` (with ``final`` also
     ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: a fresh eager
     twin gets the EMA weights (the live blocks may be compiled, and validation shapes would only add compiles).
@@ -449,11 +453,13 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
         path = write_final(run_dir, step_dir, result) if final else step_dir
     except Exception as e:  # validation must not kill a long run: the checkpoint can be re-validated later
         msg = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        say(f"validation failed at step {step}: {msg} (re-run: python -m nanodit.validate --run {run_dir})")
+        log.warning(
+            f"validation failed at step {step}: {msg} (re-run: python -m nanodit.validate --run {run_dir})"
+        )
         metrics.log(step, {"validation_error": msg})
         return None
     if not final:
-        say(f"validation step {step}: {result['decision']}  ({step_dir})")
+        log.info(f"validation step {step}: {result['decision']}  ({step_dir})")
     return {"path": str(path), "decision": result["decision"], "scores": result}
 
 
@@ -470,15 +476,23 @@ def main(argv: list[str] | None = None) -> int:
         "default: nano on a GPU, smoke on a CPU",
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 run.dir=runs/x")
+    add_verbosity(ap)
     args = ap.parse_args(argv)
+    with command_logging(verbosity(args)):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         name = args.config
         if name is None:
             name = "nano" if torch.cuda.is_available() else "smoke"
             if name == "smoke":
-                print("no GPU found: running the smoke config (a minute on a CPU); pass --config to choose")
+                log.info(
+                    "no GPU found: running the smoke config (a minute on a CPU); pass --config to choose"
+                )
         cfg = load_config(name, args.overrides)
-        train(cfg)
+        train(cfg, quiet=args.quiet > 0)
     except Interrupted as e:
         print(f"{e}", file=sys.stderr)
         return e.exit_code

@@ -55,3 +55,70 @@ def test_validate_dispatch_keeps_its_one_line_errors(tmp_path, capsys) -> None:
     assert main(["validate", "--run", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "no such folder" in err and "\n" not in err
+
+
+def _tiny_run(tmp_path, name: str) -> list[str]:
+    return [
+        "--config",
+        "smoke",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"run.dir={tmp_path / name}",
+        "model.size=tiny",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.batch_size=4",
+        "val.at_end=false",
+        "val.every=0",
+        "run.tensorboard=false",
+    ]
+
+
+def test_quiet_keeps_warnings_and_verbose_keeps_everything(tmp_path, capsys) -> None:
+    """``-q``: no progress lines, no bar, but a warning still prints (here: resuming with a changed learning rate);
+    the default prints the progress lines; each command's setting is gone when it returns."""
+    assert main(["train", *_tiny_run(tmp_path, "a")]) == 0
+    out = capsys.readouterr().out
+    assert "model: tiny" in out and "done: 2 steps" in out
+    quiet = [*_tiny_run(tmp_path, "a"), "train.steps=3", "train.resume=auto", "train.lr=5e-4", "-q"]
+    assert main(["train", *quiet]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines and all(line.startswith("warning: ") for line in lines), lines
+    assert any("train.lr 0.001 -> 0.0005" in line for line in lines)
+    assert "train:" not in captured.err  # no progress bar under -q
+    assert main(["train", *_tiny_run(tmp_path, "b"), "-v"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+
+
+def test_a_program_with_its_own_logging_gets_the_records(tmp_path, capsys) -> None:
+    """``train(cfg)`` called by a program that set up ``logging`` prints nothing itself: the records reach the
+    program's handlers under the ``nanodit`` logger names."""
+    import logging
+
+    from nanodit.config import load_config
+    from nanodit.train import train
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root, nano = logging.getLogger(), logging.getLogger("nanodit")
+    saved = root.level, list(root.handlers), nano.level, list(nano.handlers), nano.propagate
+    nano.handlers[:] = []
+    nano.setLevel(logging.NOTSET)
+    nano.propagate = True
+    root.addHandler(keep := Keep())
+    root.setLevel(logging.INFO)
+    try:
+        train(load_config("smoke", _tiny_run(tmp_path, "c")[2:]))
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(saved[0])
+        nano.setLevel(saved[2])
+        nano.handlers[:] = saved[3]
+        nano.propagate = saved[4]
+    assert "done: 2 steps" not in capsys.readouterr().out
+    done = [r for r in records if r.getMessage().startswith("done: 2 steps")]
+    assert done and done[0].name == "nanodit.train" and done[0].levelno == logging.INFO

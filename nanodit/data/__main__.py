@@ -25,6 +25,7 @@ from nanodit.data.check import CheckReport, check_data, write_stamp
 from nanodit.data.layout import Layout, resolve
 from nanodit.data.prepare import write_synthetic
 from nanodit.data.shards import ShardError
+from nanodit.logs import add_verbosity, command_logging, verbosity
 
 SYNTH_KEYS = ("path", "cache_dir", "synth_samples", "synth_seed", "synth_size")
 
@@ -136,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     for p in (s, c):
+        add_verbosity(p)
         p.add_argument(
             "--config",
             metavar="FILE",
@@ -156,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.cmd == "synth":
-        return synth(cfg)
-    return check(cfg, args.show, args.stamp, args.progress)
+    with command_logging(verbosity(args)):
+        if args.cmd == "synth":
+            return synth(cfg)
+        return check(cfg, args.show, args.stamp, args.progress and not args.quiet)
 
 
 if __name__ == "__main__":

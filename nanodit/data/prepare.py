@@ -12,6 +12,7 @@ stays below it and only this step, above both, calls it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ from nanodit.shapes import make_dataset
 
 if TYPE_CHECKING:  # the data package needs no omegaconf
     from nanodit.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def write_synthetic(cfg: Config, out: str | Path) -> dict:
@@ -33,5 +36,6 @@ def prepare(cfg: Config) -> Path:
     """The data root of ``cfg`` (``data_root``), after writing the built-in shapes set if ``data.path`` is null
     and the set is not there yet."""
     if cfg.data.path is None and not (synthetic_dir(cfg) / MANIFEST).is_file():
-        write_synthetic(cfg, synthetic_dir(cfg))
+        m = write_synthetic(cfg, synthetic_dir(cfg))
+        log.info(f"data: wrote the built-in shapes set ({m['count']} samples) to {synthetic_dir(cfg)}")
     return data_root(cfg)

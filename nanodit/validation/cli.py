@@ -22,6 +22,7 @@ from nanodit.config import Config, ConfigError, check, from_dict
 from nanodit.data.prepare import prepare
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
+from nanodit.logs import add_verbosity, command_logging, verbosity
 from nanodit.model import build_model
 from nanodit.validation.cases import read_val_samples
 from nanodit.validation.report import decision_lines
@@ -107,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         help="key=value overrides of val.* (and data.path, data.cache_dir, train.device, train.precision)",
     )
+    add_verbosity(ap)
     args = ap.parse_args(argv)
+    with command_logging(verbosity(args)):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         res = validate_checkpoint(
             args.run, args.checkpoint, args.overrides, args.out, args.final, args.self_test
