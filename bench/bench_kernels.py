@@ -3,7 +3,7 @@
     pytest bench/bench_kernels.py --benchmark-only [--benchmark-json FILE]   # pytest-benchmark, GPU only
     python bench/bench_kernels.py --out FILE.json [--shapes nano,large] [--kernels modulate,...]
     python bench/bench_kernels.py --table FILE.json      # the summary table of a saved run (either kind)
-    python bench/bench_kernels.py --sweep                # tile configs of the row kernels (_launch.py)
+    python bench/bench_kernels.py --sweep                # tile configs of the row kernels (nanodit/kernels/tiling.py)
 
 Providers: ``ref`` (the *_ref twin, eager), ``compile`` (torch.compile of the twin), ``triton`` (the op).
 Shapes: rows (B, T, D) bf16 — nano (16, 1024, 384) and large (256, 1024, 384), the latter several times
@@ -293,7 +293,7 @@ def load_records(path: str) -> list[dict]:
 # Swept on an H200 (bench/results/h200-2026-11-27-s3/): kernels_sweep_1.txt varied tiles and programs per SM
 # (more, shorter programs did not help the backward); kernels_sweep_2.txt added how the backward loop
 # prefetches (0 = the next tile by hand, since removed; S = Triton's pipeliner, S - 1 tiles in flight).
-# Since the fourth session the backward grid fills one wave of what the SM holds (_launch.resident_per_sm) and
+# Since the fourth session the backward grid fills one wave of what the SM holds (grid.resident_per_sm) and
 # "per SM" is only a cap on that (32 = no cap). Stages apply to the adaLN backward kernels; the gated-residual
 # backward takes the tile and warps only, and its best config is chosen on its own.
 FWD_SWEEP = [(2048, 2), (1024, 1), (1024, 2), (4096, 4)]
@@ -305,14 +305,14 @@ ADALN_BWD = ["modulate", "residual_modulate", "residual_modulate_gated"]
 
 
 def sweep(shapes: list[str], env_out: str | None = None) -> None:
-    """Print % of copy bandwidth of the triton row kernels for each tile config of ``_launch`` (the knobs
+    """Print % of copy bandwidth of the triton row kernels for each tile config of ``nanodit.kernels.tiling`` (the knobs
     FWD_TILE/FWD_WARPS, BWD_TILE/BWD_WARPS/BWD_PROGRAMS_PER_SM/BWD_STAGES, RES_BWD_*) and the best of each
     (geometric mean over kernels and shapes: the forwards; the adaLN backwards; the gated-residual backward);
     ``env_out`` gets them as NANODIT_*_TILES/STAGES exports, so that a script can measure and test the winner
-    in the same session before it is written into _launch."""
+    in the same session before it is written into tiling.py."""
     import math
 
-    from nanodit.kernels import _launch
+    from nanodit.kernels import tiling
 
     copy_gbs = copy_bandwidth_gbs()
     rows = [k for k in KERNELS if k != "flow_loss"]
@@ -341,11 +341,11 @@ def sweep(shapes: list[str], env_out: str | None = None) -> None:
                 best[g] = (m, key)
 
     for tile, warps in FWD_SWEEP:
-        _launch.FWD_TILE, _launch.FWD_WARPS = tile, warps
+        tiling.FWD_TILE, tiling.FWD_WARPS = tile, warps
         row("fwd", f"tile {tile:5d} warps {warps:2d}", (tile, warps))
     for tile, warps, per_sm, stages in BWD_SWEEP:
-        _launch.BWD_TILE, _launch.BWD_WARPS, _launch.BWD_PROGRAMS_PER_SM = tile, warps, per_sm
-        _launch.RES_BWD_TILE, _launch.RES_BWD_WARPS, _launch.BWD_STAGES = tile, warps, stages
+        tiling.BWD_TILE, tiling.BWD_WARPS, tiling.BWD_PROGRAMS_PER_SM = tile, warps, per_sm
+        tiling.RES_BWD_TILE, tiling.RES_BWD_WARPS, tiling.BWD_STAGES = tile, warps, stages
         row(
             "bwd",
             f"tile {tile:5d} warps {warps:2d} max per SM {per_sm:2d} stages {stages}",

@@ -224,16 +224,16 @@ def matmul_peak_tflops(device) -> float:
 
 @contextlib.contextmanager
 def compile_door(variant: str):
-    """``customop`` variants compile the Triton ops through the custom-op door (see nanodit.kernels._launch)."""
-    from nanodit.kernels import _launch
+    """``customop`` variants compile the Triton ops through the custom-op door (see nanodit.kernels.doors)."""
+    from nanodit.kernels import doors
 
-    old = _launch.COMPILE_DOOR
-    _launch.COMPILE_DOOR = "custom_op" if "customop" in variant.split("-") else "triton_op"
+    old = doors.COMPILE_DOOR
+    doors.COMPILE_DOOR = "custom_op" if "customop" in variant.split("-") else "triton_op"
     torch._dynamo.reset()
     try:
         yield
     finally:
-        _launch.COMPILE_DOOR = old
+        doors.COMPILE_DOOR = old
 
 
 def measure(variant: str, device, peak: float, profile: bool = False) -> dict:

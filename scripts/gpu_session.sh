@@ -73,7 +73,7 @@ phase_old_bench() {
     --kernels ${OLD_KERNELS:-modulate,gated_residual,residual_modulate,residual_modulate_gated,flow_loss} --out "$OUT/kernels_old.json" \
     > "$OUT/kernels_old.log" 2>&1
   # from /tmp: python -c puts the working directory (this checkout) first on sys.path, a script its own folder
-  (cd /tmp && PYTHONPATH=$OLDPWD/$OLD_TREE:$PYTHONPATH python3 -c "import nanodit.kernels._launch as l; print('old-bench used', l.__file__)")
+  (cd /tmp && PYTHONPATH=$OLDPWD/$OLD_TREE:$PYTHONPATH python3 -c "import nanodit.kernels as k; print('old-bench used', k.__file__)")
   python3 bench/bench_kernels.py --table "$OUT/kernels_old.json" | tee "$OUT/kernels_old_summary.txt" | head -20
 }
 

@@ -2,7 +2,7 @@
 
     python scripts/ptxas_regs.py
 
-Compiles each kernel at the launchers' default tiles (``_launch.row_config``) for the model widths, bf16 and
+Compiles each kernel at the launchers' default tiles (``tiling.row_config``) for the model widths, bf16 and
 fp32, pipeline depths 3 and 4, through Triton's compiler to PTX, then runs the ptxas that ships with the triton
 wheel (``ptxas -v``). Arguments are specialised as on the GPU for aligned rows (pointers, D and strides
 divisible by 16). The numbers follow the local Triton, not necessarily the GPU machine's (3.6): with triton
@@ -21,8 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanodit.kernels import _launch as L
-from nanodit.kernels import adaln
+from nanodit.kernels import adaln, tiling
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 TARGET = GPUTarget("cuda", 90, 32)
@@ -63,7 +62,7 @@ def arg_types(names: tuple[str, ...], dt: str) -> dict:
 
 def main() -> None:
     for D in (384, 1024):
-        block_d, rows, warps = L.row_config(D, bwd=True)
+        block_d, rows, warps = tiling.row_config(D, bwd=True)
         for dt in ("bf16", "fp32"):
             mod_t = {
                 **arg_types(("DH", "X", "SCALE", "DX"), dt),

@@ -7,7 +7,7 @@ x, y (B, T, D), any float dtype, any B/T strides; shift, scale, gate (B, D), e.g
 one (B, 6D) adaLN output. LayerNorm has no affine and eps 1e-6; statistics and sums are fp32; outputs
 are in the input dtype. Eager calls run an ``autograd.Function``; under torch.compile the same code is a
 ``torch.library`` op with autograd (a triton op on a GPU, a custom op under the interpreter; see
-``_launch.CompileDoors``), traced without a graph break. CPU tensors run through Triton's interpreter
+``doors.CompileDoors``), traced without a graph break. CPU tensors run through Triton's interpreter
 (``TRITON_INTERPRET=1``).
 
 The forwards also write each row's LayerNorm mean and rstd (fp32, 8 bytes a row: +0.5% over 2Ne at D=384,
@@ -26,7 +26,7 @@ Backward math, per row (xhat = (x - mean) * rstd, s1 = 1 + scale[b], g = dh * s1
     dx = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat))
     dshift[b] = sum_T dh,  dscale[b] = sum_T dh * xhat
 and for the boundary, with gx = dx_new + dx(h):  dx = gx, dy = gate * gx, dgate[b] = sum_T gx * y.
-The sums over T are two-stage (see ``_launch``): deterministic, no atomics.
+The sums over T are two-stage (see ``grid``): deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanodit.kernels import _launch as L
+from nanodit.kernels import checks, doors, grid, reduce, tiling
 from nanodit.kernels.ref import LN_EPS, adaln_modulate_ref, residual_adaln_modulate_ref
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref", "residual_adaln_modulate", "residual_adaln_modulate_ref"]
@@ -211,13 +211,15 @@ def _modulate_fwd(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> h (B, T, D), stats (2, B, T) fp32 (the rows' mean and rstd, kept for the backward)."""
-    L.check_device(_modulate_fwd_kernel, x, shift, scale)
-    x, shift, scale = L.rows3d(x), L.rows2d(shift), L.rows2d(scale)
+    checks.check_device(_modulate_fwd_kernel, x, shift, scale)
+    x, shift, scale = checks.rows3d(x), checks.rows2d(shift), checks.rows2d(scale)
     B, T, D = x.shape
     h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
     stats = _new_stats(B, T, x.device)
-    block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
-    L.target(_modulate_fwd_kernel, traced)[(L.cdiv(T, rows), B)](
+    block_d, rows, warps = tiling.row_config(
+        D, bwd=False, interpreted=checks.is_interpreted(_modulate_fwd_kernel)
+    )
+    doors.target(_modulate_fwd_kernel, traced)[(grid.cdiv(T, rows), B)](
         x, shift, scale, h, stats, T, D, x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), LN_EPS,
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -232,10 +234,12 @@ def _modulate_bwd(
     scale: torch.Tensor,
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, scale, dh = L.rows3d(x), L.rows2d(scale), L.rows3d(dh)
+    x, scale, dh = checks.rows3d(x), checks.rows2d(scale), checks.rows3d(dh)
     B, T, D = x.shape
-    block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_modulate_bwd_kernel))
-    meta = dict(ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps)
+    block_d, rows, warps = tiling.row_config(
+        D, bwd=True, interpreted=checks.is_interpreted(_modulate_bwd_kernel)
+    )
+    meta = dict(ROWS=rows, BLOCK_D=block_d, STAGES=tiling.BWD_STAGES, num_warps=warps)
     dx = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
 
     def args(part, tiles):
@@ -244,10 +248,10 @@ def _modulate_bwd(
             dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), scale.stride(0),
         )  # fmt: skip
 
-    nblk, tiles = L.wave_blocks(_modulate_bwd_kernel, args, meta, B, T, rows, x.device)
+    nblk, tiles = grid.wave_blocks(_modulate_bwd_kernel, args, meta, B, T, rows, x.device)
     part = torch.empty((2, B, nblk, D), dtype=torch.float32, device=x.device)
-    L.target(_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
-    dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
+    doors.target(_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
+    dscale, dshift = reduce.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
     return dx, dshift, dscale
 
 
@@ -260,9 +264,9 @@ def _residual_modulate_fwd(
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> x_new, h (B, T, D), stats (2, B, T) fp32 (mean and rstd of x_new's rows)."""
-    L.check_device(_residual_modulate_fwd_kernel, x, y, gate, shift, scale)
-    x, y, shift, scale = L.rows3d(x), L.rows3d(y), L.rows2d(shift), L.rows2d(scale)
-    gate = None if gate is None else L.rows2d(gate)
+    checks.check_device(_residual_modulate_fwd_kernel, x, y, gate, shift, scale)
+    x, y, shift, scale = checks.rows3d(x), checks.rows3d(y), checks.rows2d(shift), checks.rows2d(scale)
+    gate = None if gate is None else checks.rows2d(gate)
     B, T, D = x.shape
     dtype = torch.promote_types(
         x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
@@ -270,9 +274,11 @@ def _residual_modulate_fwd(
     xn = torch.empty((B, T, D), dtype=dtype, device=x.device)
     h = torch.empty((B, T, D), dtype=dtype, device=x.device)
     stats = _new_stats(B, T, x.device)
-    block_d, rows, warps = L.row_config(D, bwd=False, interpreted=L.is_interpreted(_modulate_fwd_kernel))
+    block_d, rows, warps = tiling.row_config(
+        D, bwd=False, interpreted=checks.is_interpreted(_modulate_fwd_kernel)
+    )
     g = shift if gate is None else gate  # any pointer: unused when HAS_GATE is False
-    L.target(_residual_modulate_fwd_kernel, traced)[(L.cdiv(T, rows), B)](
+    doors.target(_residual_modulate_fwd_kernel, traced)[(grid.cdiv(T, rows), B)](
         x, y, g, shift, scale, xn, h, stats, T, D, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         g.stride(0), shift.stride(0), scale.stride(0), LN_EPS,
         HAS_GATE=gate is not None, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
@@ -293,13 +299,15 @@ def _residual_modulate_bwd(
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> dx, dy, dgate, dshift, dscale; without a gate (y is then None) dy and dgate are empty: dy = dx."""
-    dxn, dh, scale = L.rows3d(dxn), L.rows3d(dh), L.rows2d(scale)
+    dxn, dh, scale = checks.rows3d(dxn), checks.rows3d(dh), checks.rows2d(scale)
     xn = xn.contiguous()  # our own forward output: already contiguous (the kernel indexes it so)
     has_gate = gate is not None
-    y, gate = (L.rows3d(y), L.rows2d(gate)) if has_gate else (xn, None)  # xn: an unread stand-in
+    y, gate = (checks.rows3d(y), checks.rows2d(gate)) if has_gate else (xn, None)  # xn: an unread stand-in
     B, T, D = xn.shape
-    block_d, rows, warps = L.row_config(D, bwd=True, interpreted=L.is_interpreted(_modulate_bwd_kernel))
-    meta = dict(HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, STAGES=L.BWD_STAGES, num_warps=warps)
+    block_d, rows, warps = tiling.row_config(
+        D, bwd=True, interpreted=checks.is_interpreted(_modulate_bwd_kernel)
+    )
+    meta = dict(HAS_GATE=has_gate, ROWS=rows, BLOCK_D=block_d, STAGES=tiling.BWD_STAGES, num_warps=warps)
     dx = torch.empty((B, T, D), dtype=x_dtype, device=xn.device)
     dy = torch.empty((B, T, D) if has_gate else (0,), dtype=y.dtype, device=xn.device)
     g = scale if gate is None else gate
@@ -311,15 +319,15 @@ def _residual_modulate_bwd(
             g.stride(0), scale.stride(0),
         )  # fmt: skip
 
-    nblk, tiles = L.wave_blocks(_residual_modulate_bwd_kernel, args, meta, B, T, rows, xn.device)
+    nblk, tiles = grid.wave_blocks(_residual_modulate_bwd_kernel, args, meta, B, T, rows, xn.device)
     part = torch.empty((3 if has_gate else 2, B, nblk, D), dtype=torch.float32, device=xn.device)
-    L.target(_residual_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
+    doors.target(_residual_modulate_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     if has_gate:
-        dscale, dshift, dgate = L.sum_blocks(
+        dscale, dshift, dgate = reduce.sum_blocks(
             part, (scale.dtype, shift.dtype, gate.dtype), traced
         )  # 3 x (B, D)
     else:
-        dscale, dshift = L.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
+        dscale, dshift = reduce.sum_blocks(part, (scale.dtype, shift.dtype), traced)  # 2 x (B, D)
         dgate = part.new_empty((0,))
     return dx, dy, dgate, dshift, dscale
 
@@ -327,7 +335,7 @@ def _residual_modulate_bwd(
 # ---------------------------------------------------------------------------------------------
 # autograd: one formula, three doors. Eager calls go through an autograd.Function straight to the
 # launchers (the least host time per call); under torch.compile the same formulas sit behind torch.library
-# ops (L.CompileDoors): triton ops on a GPU (Inductor launches the kernels itself), custom ops under the
+# ops (doors.CompileDoors): triton ops on a GPU (Inductor launches the kernels itself), custom ops under the
 # interpreter. Dynamo traces either as single nodes (no graph break); AOTAutograd differentiates them
 # with the backward ops. The forward ops return the LayerNorm statistics as a last output, which the
 # public functions drop and the backward reads (never differentiated: its gradient is ignored).
@@ -394,7 +402,7 @@ def _modulate_bwd_fake(dh, x, stats, shift, scale):
     return x.new_empty(x.shape), shift.new_empty(shift.shape), scale.new_empty(scale.shape)
 
 
-_MODULATE = L.CompileDoors(
+_MODULATE = doors.CompileDoors(
     "adaln_modulate",
     _modulate_fwd_kernel,
     _modulate_fwd,
@@ -426,7 +434,7 @@ def _residual_modulate_bwd_fake(dxn, dh, xn, stats, y, gate, shift, scale, x_dty
     )
 
 
-_RESIDUAL_MODULATE = L.CompileDoors(
+_RESIDUAL_MODULATE = doors.CompileDoors(
     "residual_adaln_modulate",
     _residual_modulate_fwd_kernel,
     _residual_modulate_fwd,
@@ -447,9 +455,9 @@ _RESIDUAL_MODULATE = L.CompileDoors(
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = LayerNorm(x) * (1 + scale[b]) + shift[b], in x's dtype; x (B, T, D), shift/scale (B, D)."""
-    L.check_rows("adaln_modulate", x)
-    L.check_vec("adaln_modulate", "shift", shift, x)
-    L.check_vec("adaln_modulate", "scale", scale, x)
+    checks.check_rows("adaln_modulate", x)
+    checks.check_vec("adaln_modulate", "shift", shift, x)
+    checks.check_vec("adaln_modulate", "scale", scale, x)
     if torch.compiler.is_compiling():
         return _MODULATE(x, shift, scale)[0]  # (B, T, D); [1] is the statistics
     return _Modulate.apply(x, shift, scale)  # (B, T, D)
@@ -463,14 +471,14 @@ def residual_adaln_modulate(
     scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block boundary in one pass: x' = x + gate[b] * y (gate None: x + y), h = adaln_modulate(x')."""
-    L.check_rows("residual_adaln_modulate", x)
+    checks.check_rows("residual_adaln_modulate", x)
     if y.shape != x.shape:
         raise ValueError(
             f"residual_adaln_modulate: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}"
         )
     for key, p in (("gate", gate), ("shift", shift), ("scale", scale)):
         if p is not None:
-            L.check_vec("residual_adaln_modulate", key, p, x)
+            checks.check_vec("residual_adaln_modulate", key, p, x)
     if torch.compiler.is_compiling():
         xn, h, _ = _RESIDUAL_MODULATE(x, y, gate, shift, scale)  # 2 x (B, T, D), the statistics
         return xn, h

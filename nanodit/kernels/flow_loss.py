@@ -12,7 +12,7 @@ One launch computes per-block partial sums of the squared error and writes dL/dv
 fixed order, applies the weight and fills the t-bins. The backward is one scaled copy of the saved
 gradient: dv = saved * grad_output[b]. Under ``torch.no_grad``, or when v needs no gradient, the dL/dv
 write is skipped. Eager calls run an ``autograd.Function``; under torch.compile a library op (a triton op on
-a GPU, a custom op under the interpreter; see ``_launch.CompileDoors``).
+a GPU, a custom op under the interpreter; see ``doors.CompileDoors``).
 
 Bytes model (e = bytes per element, M = B*N):
 | direction | traffic |
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanodit.kernels import _launch as L
+from nanodit.kernels import checks, doors, grid
 from nanodit.kernels.ref import flow_loss_ref
 
 __all__ = ["flow_loss", "flow_loss_ref"]
@@ -119,8 +119,8 @@ def _finish_block_b(B: int, nblk: int, nbins: int) -> int:
     rounds of loads), so fewer rounds are what shortens it."""
     if isinstance(B, torch.SymInt):
         return 128
-    widest = max(L.partial_tile(nblk), L.next_pow2(nbins))
-    return max(16, min(L.next_pow2(B), FINISH_TILE // widest))
+    widest = max(grid.partial_tile(nblk), grid.next_pow2(nbins))
+    return max(16, min(grid.next_pow2(B), FINISH_TILE // widest))
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def _flow_loss_fwd(
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> per_sample (B,), bin_sum (nbins,), bin_count (nbins,), dL/dv shaped like v (empty without grad)."""
-    L.check_device(_flow_loss_fwd_kernel, v, x0, eps, t, weight)
+    checks.check_device(_flow_loss_fwd_kernel, v, x0, eps, t, weight)
     B = v.shape[0]
     v2, x2, e2 = _rows(v), _rows(x0), _rows(eps)
     N = v2.shape[1]
@@ -153,16 +153,16 @@ def _flow_loss_fwd(
     def args(part, tiles):
         return v2, x2, e2, w, grad, part, N, tiles, v2.stride(0), x2.stride(0), e2.stride(0), w.stride(0)
 
-    # one full wave of what fits on the SMs, as the row kernels' backward (_launch.t_blocks)
-    nblk, tiles = L.wave_blocks(_flow_loss_fwd_kernel, args, meta, B, N, BLOCK, v.device)
+    # one full wave of what fits on the SMs, as the row kernels' backward (grid.t_blocks)
+    nblk, tiles = grid.wave_blocks(_flow_loss_fwd_kernel, args, meta, B, N, BLOCK, v.device)
     part = torch.empty((B, nblk), dtype=torch.float32, device=v.device)
-    L.target(_flow_loss_fwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
+    doors.target(_flow_loss_fwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
     per_sample = torch.empty((B,), dtype=torch.float32, device=v.device)
     bin_sum, bin_count = (torch.empty((nbins,), dtype=torch.float32, device=v.device) for _ in range(2))
-    L.target(_flow_finish_kernel, traced)[(1,)](
+    doors.target(_flow_finish_kernel, traced)[(1,)](
         part, w, t, per_sample, bin_sum, bin_count, B, nblk, nbins, w.stride(0), t.stride(0), N,
-        HAS_WEIGHT=weight is not None, BLOCK_B=_finish_block_b(B, nblk, nbins), NB=L.next_pow2(nbins),
-        NBJ=L.partial_tile(nblk), num_warps=4,
+        HAS_WEIGHT=weight is not None, BLOCK_B=_finish_block_b(B, nblk, nbins), NB=grid.next_pow2(nbins),
+        NBJ=grid.partial_tile(nblk), num_warps=4,
     )  # fmt: skip
     return per_sample, bin_sum, bin_count, grad
 
@@ -171,7 +171,7 @@ def _flow_loss_bwd(grad: torch.Tensor, go: torch.Tensor, traced: bool = False) -
     B = grad.shape[0]
     N = grad.numel() // B
     dv = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    L.target(_scale_rows_kernel, traced)[(L.cdiv(N, BLOCK), B)](
+    doors.target(_scale_rows_kernel, traced)[(grid.cdiv(N, BLOCK), B)](
         grad, go, dv, N, go.stride(0), BLOCK=BLOCK, num_warps=WARPS
     )
     return dv
@@ -216,7 +216,7 @@ def _flow_loss_bwd_fake(grad, go):
     return grad.new_empty(grad.shape)
 
 
-_FLOW_LOSS = L.CompileDoors(
+_FLOW_LOSS = doors.CompileDoors(
     "flow_loss",
     _flow_loss_fwd_kernel,
     _flow_loss_fwd,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanodit.kernels import _launch as L
+from nanodit.kernels import checks, doors, grid, reduce, tiling
 from nanodit.kernels.ref import gated_residual_ref
 
 __all__ = ["gated_residual", "gated_residual_ref"]
@@ -74,15 +74,15 @@ def _gated_residual_bwd_kernel(
 def _gated_residual_fwd(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, traced: bool = False
 ) -> torch.Tensor:
-    L.check_device(_gated_residual_fwd_kernel, x, gate, y)
-    x, gate, y = L.rows3d(x), L.rows2d(gate), L.rows3d(y)
+    checks.check_device(_gated_residual_fwd_kernel, x, gate, y)
+    x, gate, y = checks.rows3d(x), checks.rows2d(gate), checks.rows3d(y)
     B, T, D = x.shape
     dtype = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
     out = torch.empty((B, T, D), dtype=dtype, device=x.device)
-    block_d, rows, warps = L.row_config(
-        D, bwd=False, interpreted=L.is_interpreted(_gated_residual_fwd_kernel)
+    block_d, rows, warps = tiling.row_config(
+        D, bwd=False, interpreted=checks.is_interpreted(_gated_residual_fwd_kernel)
     )
-    L.target(_gated_residual_fwd_kernel, traced)[(L.cdiv(T, rows), B)](
+    doors.target(_gated_residual_fwd_kernel, traced)[(grid.cdiv(T, rows), B)](
         x, gate, y, out, T, D, x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
@@ -92,10 +92,10 @@ def _gated_residual_fwd(
 def _gated_residual_bwd(
     dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, traced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dout, gate, y = L.rows3d(dout), L.rows2d(gate), L.rows3d(y)
+    dout, gate, y = checks.rows3d(dout), checks.rows2d(gate), checks.rows3d(y)
     B, T, D = y.shape
-    block_d, rows, warps = L.row_config(
-        D, bwd=True, interpreted=L.is_interpreted(_gated_residual_bwd_kernel), residual=True
+    block_d, rows, warps = tiling.row_config(
+        D, bwd=True, interpreted=checks.is_interpreted(_gated_residual_bwd_kernel), residual=True
     )
     meta = dict(ROWS=rows, BLOCK_D=block_d, num_warps=warps)
     dy = torch.empty((B, T, D), dtype=y.dtype, device=y.device)
@@ -106,10 +106,10 @@ def _gated_residual_bwd(
             dout.stride(0), dout.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         )  # fmt: skip
 
-    nblk, tiles = L.wave_blocks(_gated_residual_bwd_kernel, args, meta, B, T, rows, y.device)
+    nblk, tiles = grid.wave_blocks(_gated_residual_bwd_kernel, args, meta, B, T, rows, y.device)
     part = torch.empty((B, nblk, D), dtype=torch.float32, device=y.device)
-    L.target(_gated_residual_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
-    (dgate,) = L.sum_blocks(part[None], (gate.dtype,), traced)  # (B, D)
+    doors.target(_gated_residual_bwd_kernel, traced)[(nblk, B)](*args(part, tiles), **meta)
+    (dgate,) = reduce.sum_blocks(part[None], (gate.dtype,), traced)  # (B, D)
     return dy, dgate
 
 
@@ -147,7 +147,7 @@ def _gated_residual_bwd_fake(dout, gate, y):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-_GATED_RESIDUAL = L.CompileDoors(
+_GATED_RESIDUAL = doors.CompileDoors(
     "gated_residual",
     _gated_residual_fwd_kernel,
     _gated_residual_fwd,
@@ -163,10 +163,10 @@ _GATED_RESIDUAL = L.CompileDoors(
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate[b] * y; x, y (B, T, D), gate (B, D); result in the promoted dtype."""
-    L.check_rows("gated_residual", x)
+    checks.check_rows("gated_residual", x)
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    L.check_vec("gated_residual", "gate", gate, x)
+    checks.check_vec("gated_residual", "gate", gate, x)
     if torch.compiler.is_compiling():
         return _GATED_RESIDUAL(x, gate, y)  # (B, T, D)
     return _GatedResidual.apply(x, gate, y)  # (B, T, D)

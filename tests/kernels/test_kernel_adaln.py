@@ -11,7 +11,7 @@ import pytest
 import torch
 from kernel_cases import DEVICE, ROW_CASES, compare, fresh_seed, make_rows, make_vecs
 
-from nanodit.kernels import _launch
+from nanodit.kernels import tiling
 from nanodit.kernels.adaln import adaln_modulate, residual_adaln_modulate
 from nanodit.kernels.ref import adaln_modulate_ref, residual_adaln_modulate_ref
 
@@ -49,10 +49,10 @@ PIPELINE_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" e
 @pytest.mark.parametrize("stages", [1, 2, 4])
 @pytest.mark.parametrize("gated", [True, False, None], ids=["gate", "nogate", "modulate"])
 def test_pipeline_depths_match_ref(monkeypatch, stages, gated, dtype):
-    """The adaLN backward loops at other pipeline depths than the default (_launch.BWD_STAGES) obey the same
+    """The adaLN backward loops at other pipeline depths than the default (tiling.BWD_STAGES) obey the same
     rule, with long loops (several tiles per program) and a ragged last tile."""
-    monkeypatch.setattr(_launch, "BWD_STAGES", stages)
-    monkeypatch.setattr(_launch, "BWD_PROGRAMS_PER_SM", 1)  # few programs -> long loops
+    monkeypatch.setattr(tiling, "BWD_STAGES", stages)
+    monkeypatch.setattr(tiling, "BWD_PROGRAMS_PER_SM", 1)  # few programs -> long loops
     seed = fresh_seed()
     B, T, D = 2, 301, 384
     x = make_rows(B, T, D, dtype, "bt_transposed", loc=0.5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernel_cases import DEVICE, make_vecs
 
-from nanodit.kernels import _launch, adaln, flow_loss, get_ops, ref, residual
+from nanodit.kernels import adaln, checks, flow_loss, get_ops, grid, reduce, ref, residual, tiling
 
 KERNELS = [
     adaln._modulate_fwd_kernel,
@@ -20,20 +20,20 @@ KERNELS = [
     residual._gated_residual_bwd_kernel,
     flow_loss._flow_loss_fwd_kernel,
     flow_loss._scale_rows_kernel,
-    _launch._sum_blocks_kernel,
+    reduce._sum_blocks_kernel,
 ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without CUDA")
 def test_interpreter_is_used_without_cuda():
     """Without CUDA every kernel is Triton's interpreted function (conftest set TRITON_INTERPRET in time)."""
-    assert all(_launch.is_interpreted(k) for k in KERNELS)
+    assert all(checks.is_interpreted(k) for k in KERNELS)
 
 
 @pytest.mark.gpu
 def test_compiled_kernels_on_gpu_reject_cpu_tensors():
     """On a GPU machine the kernels are compiled, and CPU tensors get a one-line error naming the option."""
-    assert not any(_launch.is_interpreted(k) for k in KERNELS)
+    assert not any(checks.is_interpreted(k) for k in KERNELS)
     x, (shift, scale) = torch.randn(1, 2, 8), make_vecs(1, 8, 2, torch.float32, False)
     with pytest.raises(ValueError, match="model.kernels=triton needs CUDA tensors"):
         adaln.adaln_modulate(x, shift.cpu(), scale.cpu())
@@ -45,7 +45,7 @@ def test_importing_the_package_does_not_import_the_kernels():
     code = (
         "import sys, nanodit.kernels; print('triton' in sys.modules);"
         "import nanodit.model; nanodit.kernels.get_ops('ref');"
-        "print(any(m in sys.modules for m in ('nanodit.kernels.adaln', 'nanodit.kernels._launch')))"
+        "print(any(m in sys.modules for m in ('nanodit.kernels.adaln', 'nanodit.kernels.tiling', 'nanodit.kernels.doors')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
@@ -110,12 +110,12 @@ def test_tile_override_from_the_environment(monkeypatch, name, raw, want):
     monkeypatch.setenv(name, raw)
     if want is None:
         with pytest.raises(ValueError, match=name) as info:
-            _launch._env_ints(name, n)
+            tiling._env_ints(name, n)
         assert "\n" not in str(info.value)
     else:
-        assert _launch._env_ints(name, n) == want
+        assert tiling._env_ints(name, n) == want
     monkeypatch.delenv(name)
-    assert _launch._env_ints(name, n) is None
+    assert tiling._env_ints(name, n) is None
 
 
 def test_backward_is_bitwise_deterministic():
@@ -212,9 +212,9 @@ def test_custom_op_door_equals_eager_door():
 def test_backward_grid_is_one_full_wave(monkeypatch, B, T, resident):
     """t_blocks covers every tile of every sample, never asks for more programs than the SMs hold at once
     (unless one per sample is already more), and leaves no SM idle when the samples can be split further."""
-    monkeypatch.setattr(_launch, "sm_count", lambda device: 132)
+    monkeypatch.setattr(grid, "sm_count", lambda device: 132)
     rows = 2
-    nblk, tiles = _launch.t_blocks(B, T, rows, torch.device("cuda"), resident)
+    nblk, tiles = grid.t_blocks(B, T, rows, torch.device("cuda"), resident)
     n_tiles = -(-T // rows)
     assert nblk * tiles >= n_tiles and (nblk - 1) * tiles < n_tiles  # every tile, no empty block
     slots = resident * 132
@@ -230,8 +230,8 @@ def test_backward_kernels_fit_without_spills(monkeypatch, dtype, D):
     """The backward kernels at the default tiles compile without register spills at the model's widths
     (aligned rows), and resident_per_sm agrees with the registers the compiled kernel reports (the grid of
     t_blocks is sized from it). Odd widths (narrow loads) may spill a few registers: not checked here."""
-    monkeypatch.setattr(_launch, "_RESIDENT", {})  # only this test's kernels
-    monkeypatch.setattr(_launch, "RESOURCES", {})
+    monkeypatch.setattr(grid, "_RESIDENT", {})  # only this test's kernels
+    monkeypatch.setattr(grid, "RESOURCES", {})
     x = torch.randn(2, 64, D, device="cuda", dtype=dtype, requires_grad=True)
     y = torch.randn_like(x, requires_grad=True)
     shift, scale, gate = (p.requires_grad_(True) for p in make_vecs(2, D, 3, dtype, True))
@@ -239,9 +239,9 @@ def test_backward_kernels_fit_without_spills(monkeypatch, dtype, D):
     outs += [*adaln.residual_adaln_modulate(x, y, None, shift, scale), residual.gated_residual(x, gate, y)]
     torch.autograd.grad(sum(o.float().sum() for o in outs), [x, y, shift, scale, gate])
     checked = 0
-    for key, per_sm in _launch._RESIDENT.items():
+    for key, per_sm in grid._RESIDENT.items():
         meta = dict(key[2])
-        n_regs, n_spills, _ = _launch.RESOURCES[key]
+        n_regs, n_spills, _ = grid.RESOURCES[key]
         assert n_spills == 0, f"{key[0].fn.__name__} {key[1]} {meta}: {n_spills} spilled registers"
         assert 1 <= per_sm <= 32 and (per_sm == 32 or per_sm * n_regs * 32 * meta["num_warps"] <= 65536)
         checked += 1
@@ -256,8 +256,8 @@ def test_resident_per_sm_takes_symbolic_sizes():
 
     sym = ShapeEnv().create_unbacked_symint()
     for args, meta in (((torch.float32, sym, 16), {"ROWS": 2}), ((torch.float32, 8, 16), {"ROWS": sym})):
-        got = _launch.resident_per_sm(adaln._modulate_bwd_kernel, args, meta, torch.device("cuda"))
-        assert got == _launch.SYMBOLIC_RESIDENT
+        got = grid.resident_per_sm(adaln._modulate_bwd_kernel, args, meta, torch.device("cuda"))
+        assert got == grid.SYMBOLIC_RESIDENT
 
 
 def test_t_blocks_under_symbolic_sizes_is_one_division():
@@ -269,18 +269,18 @@ def test_t_blocks_under_symbolic_sizes_is_one_division():
 
     rows = 16
 
-    def grid(x):
-        nblk, tiles = _launch.t_blocks(x.shape[0], x.shape[1], rows, torch.device("cuda"), 4)
-        assert tiles == _launch.SYMBOLIC_TILES
+    def n_blocks(x):
+        nblk, tiles = grid.t_blocks(x.shape[0], x.shape[1], rows, torch.device("cuda"), 4)
+        assert tiles == grid.SYMBOLIC_TILES
         return x.new_zeros(nblk)
 
-    gm = make_fx(grid, tracing_mode="symbolic")(torch.randn(3, 100, 8))
+    gm = make_fx(n_blocks, tracing_mode="symbolic")(torch.randn(3, 100, 8))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     expr = out.meta["val"].shape[0].node.expr
     assert not expr.atoms(sympy.Min, sympy.Max), f"grid size {expr} is not one division"
     for B, T in ((1, 1), (5, 64), (2, 1000), (7, 1025)):
         nblk = gm(torch.randn(B, T, 8)).numel()
-        assert nblk * _launch.SYMBOLIC_TILES * rows >= T > (nblk - 1) * _launch.SYMBOLIC_TILES * rows
+        assert nblk * grid.SYMBOLIC_TILES * rows >= T > (nblk - 1) * grid.SYMBOLIC_TILES * rows
 
 
 def test_host_cdiv_and_next_pow2_match_triton():
@@ -288,5 +288,5 @@ def test_host_cdiv_and_next_pow2_match_triton():
     triton.cdiv / triton.next_power_of_2."""
     import triton
 
-    assert all(_launch.next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 4100))
-    assert all(_launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 200) for b in range(1, 40))
+    assert all(grid.next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 4100))
+    assert all(grid.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 200) for b in range(1, 40))

@@ -2,7 +2,7 @@
 
 On CPU the compiled graph runs with the ``aot_eager`` backend (AOTAutograd traces forward and backward
 through the ops' fake impls and autograd formulas; the kernels run in the interpreter, through the custom-op
-door); on a GPU with Inductor, through both doors (``_launch.COMPILE_DOOR``: triton ops, which Inductor
+door); on a GPU with Inductor, through both doors (``doors.COMPILE_DOOR``: triton ops, which Inductor
 launches itself, and custom ops).
 """
 
@@ -25,15 +25,15 @@ DOORS = [
 @contextlib.contextmanager
 def door(name: str):
     """Compile through one door (read at trace time, so dynamo's caches are reset around it)."""
-    from nanodit.kernels import _launch
+    from nanodit.kernels import doors
 
-    old = _launch.COMPILE_DOOR
-    _launch.COMPILE_DOOR = name
+    old = doors.COMPILE_DOOR
+    doors.COMPILE_DOOR = name
     torch._dynamo.reset()
     try:
         yield
     finally:
-        _launch.COMPILE_DOOR = old
+        doors.COMPILE_DOOR = old
         torch._dynamo.reset()
 
 

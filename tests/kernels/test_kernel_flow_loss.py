@@ -104,17 +104,17 @@ def test_flow_loss_many_blocks_and_long_loops(monkeypatch, blocks):
     """Small tiles force the grid's edges: "many" gives each sample more than 32 partial sums (the finish
     kernel loads them 32 at a time, in order), "long" one program per sample looping over every tile
     (the pipelined loop with a ragged last tile)."""
-    from nanodit.kernels import _launch
     from nanodit.kernels import flow_loss as fl
+    from nanodit.kernels import tiling
 
     seed = fresh_seed()
     monkeypatch.setattr(fl, "BLOCK", 16)
     if blocks == "many":
-        monkeypatch.setattr(_launch, "INTERPRET_PROGRAMS", 200)  # CPU: 60 blocks a sample (a GPU: 119)
-        monkeypatch.setattr(_launch, "BWD_PROGRAMS_PER_SM", 200)
+        monkeypatch.setattr(tiling, "INTERPRET_PROGRAMS", 200)  # CPU: 60 blocks a sample (a GPU: 119)
+        monkeypatch.setattr(tiling, "BWD_PROGRAMS_PER_SM", 200)
     else:
-        monkeypatch.setattr(_launch, "BWD_PROGRAMS_PER_SM", 1)
-        monkeypatch.setattr(_launch, "INTERPRET_PROGRAMS", 1)
+        monkeypatch.setattr(tiling, "BWD_PROGRAMS_PER_SM", 1)
+        monkeypatch.setattr(tiling, "INTERPRET_PROGRAMS", 1)
     B = 2 if blocks == "many" else 1
     v = torch.randn(B, 4, 25, 19, device=DEVICE, requires_grad=True)  # N = 1900: 119 tiles of 16
     x0, eps = torch.randn_like(v), torch.randn_like(v)
