@@ -7,15 +7,19 @@ log rows, and what a resumed run carries over so that its records read as one un
   step (the killed run logged them, the resumed run logs them again) and a torn last line, and TensorBoard
   purges its events after that step, so every step appears once;
 - ``LossWindow``: device-side sums over the steps since the last row (no host sync until the row is written);
-  its state goes into every checkpoint, so a run stopped between two log steps writes the same next row.
+  its state goes into every checkpoint, so a run stopped between two log steps writes the same next row;
+- ``Stages``: where the job's wall time went (``summary.json``'s ``stages_s``), the clock behind
+  ``bench/decision_time.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -180,6 +184,69 @@ def log_row(window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: i
     if bad:
         row["nonfinite_steps"] = len(bad)
     return row
+
+
+class Stages:
+    """Host wall seconds of a training job by stage, from ``train()``'s entry to the written summary:
+
+    - ``data``: writing the built-in set (a cold run) and building the loader (reading, checking, caching);
+    - ``model``: the model, optimizer, EMA, validator and compile wrappers (the compile itself happens later);
+    - ``warmup``: the training steps in which a batch shape is met for one of its first ``WARM_CALLS`` times:
+      torch.compile traces and compiles there, and CUDA graphs are recorded (their host time; the GPU work
+      still queued from earlier steps is waited for only where a stage ends with a sync);
+    - ``checkpoints``, ``validation``: their calls (each waits for the GPU as it reads the weights);
+    - ``train``: the rest of the loop (the steps at speed, logging, the GPU work the log rows wait for);
+    - ``other``: what is left of the total (resume, summary, closing records).
+    Nothing here syncs the GPU; the step stays free of host syncs."""
+
+    WARM_CALLS = 3  # reduce-overhead: a warm-up call, the recording call, then the first replay
+    NAMES = ("data", "model", "warmup", "train", "checkpoints", "validation", "other")
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds = dict.fromkeys(self.NAMES, 0.0)
+        self.shapes: dict[tuple, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def step(self, shape: tuple, seconds: float) -> None:
+        """A training step of ``shape`` took ``seconds`` of host time: warm-up while the shape is new."""
+        seen = self.shapes.get(shape, 0)
+        self.shapes[shape] = seen + 1
+        if seen < self.WARM_CALLS:
+            self.seconds["warmup"] += seconds
+
+    @contextlib.contextmanager
+    def loop(self) -> Iterator[None]:
+        """The training loop: what its warm-up steps, checkpoints and validations did not take is ``train``."""
+        t0 = time.perf_counter()
+        before = self._inside()
+        try:
+            yield
+        finally:
+            self.seconds["train"] += max(0.0, time.perf_counter() - t0 - (self._inside() - before))
+
+    def _inside(self) -> float:
+        return self.seconds["warmup"] + self.seconds["checkpoints"] + self.seconds["validation"]
+
+    def summary(self) -> dict:
+        """{stage: seconds, "total": seconds since ``train()``'s entry, "shapes": batch shapes met}."""
+        total = time.perf_counter() - self.t0
+        out = {
+            **self.seconds,
+            "other": max(0.0, total - sum(v for k, v in self.seconds.items() if k != "other")),
+        }
+        return {
+            **{k: round(v, 3) for k, v in out.items()},
+            "total": round(total, 3),
+            "shapes": len(self.shapes),
+        }
 
 
 def data_line(loader) -> str:

@@ -46,6 +46,7 @@ from nanodit.runlog import (
     LossWindow,
     MetricsLogger,
     RunDirError,
+    Stages,
     data_line,
     first_logged_loss,
     log_row,
@@ -76,8 +77,9 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     SIGINT/SIGTERM stop it the same way and raise ``Interrupted`` (nanodit/signals.py).
     """
     ensure_configured()
+    stages = Stages()
     with GracefulStop() as stop, quieted(quiet):
-        run = setup(cfg, progress=cfg.run.progress and not quiet)
+        run = setup(cfg, progress=cfg.run.progress and not quiet, stages=stages)
         with progress_safe(run.progress):
             if not loop(run, stop, stop_after):
                 return {"run_dir": str(run.dir), "steps": run.step, "interrupted": True}
@@ -104,6 +106,7 @@ class Run:
     validator: Validator | None
     cudagraphs: bool
     skipped: dict  # samples the loader skipped, by reason (data.on_error=skip)
+    stages: Stages  # where the job's wall time goes (summary.json's stages_s)
     step: int = 0
     book: dict = field(default_factory=dict)  # carried over a resume: loss window, first loss, bad steps
     metrics: MetricsLogger | None = None
@@ -115,6 +118,7 @@ class Run:
     nonfinite_total: int = 0
     rows_logged: int = 0
     saved: dict = field(default_factory=dict)  # step -> checkpoint path written by this process
+    shape: tuple = ()  # the last step's batch shapes (Stages: warm-up while a shape is new)
 
     def state(self, at: int) -> dict:
         """The complete resume state at step ``at``."""
@@ -136,9 +140,10 @@ class Run:
 
     def checkpoint(self, at: int) -> Path:
         if at not in self.saved:  # a stop right after a periodic save reuses it
-            self.saved[at] = save_checkpoint(
-                self.dir, at, self.state(at), keep=self.cfg.train.keep_checkpoints
-            )
+            with self.stages("checkpoints"):
+                self.saved[at] = save_checkpoint(
+                    self.dir, at, self.state(at), keep=self.cfg.train.keep_checkpoints
+                )
         return self.saved[at]
 
     def close(self) -> None:
@@ -151,37 +156,26 @@ class Run:
 # ---- setup ------------------------------------------------------------------------------------
 
 
-def setup(cfg: Config, progress: bool) -> Run:
+def setup(cfg: Config, progress: bool, stages: Stages | None = None) -> Run:
     """config -> device -> run folder -> data -> model -> optimizer/EMA -> validator -> compile -> resume."""
     device = pick_device(cfg.train.device)
     autocast = set_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     run_dir, resume_from, state = _run_folder(cfg, device)
 
-    prepare(cfg)  # the built-in shapes set is written here when data.path is null; build_loader only reads
-    manifest, loader = build_loader(cfg, device, progress=progress)
+    stages = stages or Stages()
+    with stages("data"):
+        prepare(
+            cfg
+        )  # the built-in shapes set is written here when data.path is null; build_loader only reads
+        manifest, loader = build_loader(cfg, device, progress=progress)
     log.info(data_line(loader))
     for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
         log.warning("%s", problem)
 
-    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
-    log.info(
-        f"model: {cfg.model.size} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"kernels={cfg.model.kernels}, attention={cfg.model.attention}, precision={cfg.train.precision}, "
-        f"compile={cfg.train.compile}, device={device}"
-    )
+    with stages("model"):
+        model, optim, ema, validator, (fwd, cudagraphs) = _build(cfg, manifest, loader.root, device)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    optim = build_optimizer(model, cfg.train, device)
-    ema = EMA(model)
-    guard = StepGuard(optim)  # a non-finite step is masked on the device (nanodit/nonfinite.py)
-
-    # validation: the run's judge, built once from its config, manifest and samples
-    validator = None
-    if cfg.val.every or cfg.val.at_end:
-        _, val_groups = read_val_samples(loader.root, cfg.val.samples, cfg.data.on_error)
-        validator = Validator(cfg, manifest, val_groups, device)
-
-    fwd, cudagraphs = _compile(cfg, model, device)
     run = Run(
         cfg=cfg,
         progress=progress,
@@ -195,14 +189,33 @@ def setup(cfg: Config, progress: bool) -> Run:
         generator=generator,
         optim=optim,
         ema=ema,
-        guard=guard,
+        guard=StepGuard(optim),  # a non-finite step is masked on the device (nanodit/nonfinite.py)
         validator=validator,
         cudagraphs=cudagraphs,
         skipped=skip_counts(loader.skipped),
+        stages=stages,
     )
     if state is not None:
         _resume(run, state, resume_from)
     return run
+
+
+def _build(cfg: Config, manifest: dict, data_root: Path, device: torch.device):
+    """(model, optimizer, EMA, validator or None, (what the step calls, whether it runs as CUDA graphs))."""
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
+    log.info(
+        f"model: {cfg.model.size} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"kernels={cfg.model.kernels}, attention={cfg.model.attention}, precision={cfg.train.precision}, "
+        f"compile={cfg.train.compile}, device={device}"
+    )
+    optim = build_optimizer(model, cfg.train, device)
+    ema = EMA(model)
+    # validation: the run's judge, built once from its config, manifest and samples
+    validator = None
+    if cfg.val.every or cfg.val.at_end:
+        _, val_groups = read_val_samples(data_root, cfg.val.samples, cfg.data.on_error)
+        validator = Validator(cfg, manifest, val_groups, device)
+    return model, optim, ema, validator, _compile(cfg, model, device)
 
 
 def _run_folder(cfg: Config, device: torch.device) -> tuple[Path, Path | None, dict | None]:
@@ -262,11 +275,19 @@ def _resume(run: Run, state: dict, path: Path) -> None:
 def loop(run: Run, stop: GracefulStop, stop_after: int | None = None) -> bool:
     """Train from ``run.step`` to ``train.steps``: step, log, checkpoint, validate. False when stopped early by
     ``stop_after``; a signal saves and raises ``Interrupted``; a non-finite step under ``stop`` raises."""
-    cfg, t = run.cfg, run.cfg.train
     _open_records(run)
     stop.arm()  # from here a signal stops the run after the current step, with a checkpoint
+    with run.stages.loop():
+        return _steps(run, stop, stop_after)
+
+
+def _steps(run: Run, stop: GracefulStop, stop_after: int | None) -> bool:
+    """The loop's body, step by step (``loop``)."""
+    cfg, t = run.cfg, run.cfg.train
     while run.step < t.steps:
+        t0 = time.perf_counter()
         lr, gnorm = train_step(run)
+        run.stages.step(run.shape, time.perf_counter() - t0)
         if run.step % t.log_every == 0 or run.step == t.steps:
             log_step(run, lr, gnorm)
         if run.bar is not None:
@@ -291,7 +312,8 @@ def loop(run: Run, stop: GracefulStop, stop_after: int | None = None) -> bool:
             and run.step % cfg.val.every == 0
             and run.step < t.steps
         ):
-            validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics)
+            with run.stages("validation"):
+                validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics)
             run.window.t0 = time.perf_counter()
     return True
 
@@ -351,6 +373,7 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
     with prof.region("ema"):
         run.ema.update(run.model, ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps))
     run.step += 1
+    run.shape = (tuple(batch.latent.shape), tuple(batch.t5.shape))  # the compile cache's key, near enough
     run.window.add(loss, stats, ok, batch.latent.shape[0])
     return lr, gnorm
 
@@ -419,10 +442,12 @@ def teardown(run: Run) -> dict:
         log.info(f"profile: {run.dir / 'profile'} (trace.json, summary.txt)")
     report = None
     if run.validator is not None and run.cfg.val.at_end:
-        report = validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, final=True)
+        with run.stages("validation"):
+            report = validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, final=True)
         if report is not None:  # the scores themselves are in the report folder's scores.json
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
     run.close()
+    summary["stages_s"] = run.stages.summary()
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
     log.info(f"done: {run.step} steps, loss {run.first_loss} -> {run.last_loss}")
     log.info(f"run folder: {run.dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
