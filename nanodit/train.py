@@ -457,7 +457,7 @@ def teardown(run: Run) -> dict:
     return summary
 
 
-def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, final: bool = False):
+def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, *, final: bool = False):
     """Judge the EMA weights at ``step`` into ``run_dir/validation/step-<step>/`` (with ``final`` also
     ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: a fresh eager
     twin gets the EMA weights (the live blocks may be compiled, and validation shapes would only add compiles).

@@ -567,7 +567,7 @@ def test_trainer_validates_ema_weights_and_leaves_the_model_alone(shapes, tmp_pa
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     validator = Validator(cfg, manifest, groups, torch.device("cpu"))
-    out = validate_ema(validator, ema, tmp_path, 7, None, print)
+    out = validate_ema(validator, ema, tmp_path, 7, None)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     want = run(ema_model.eval(), manifest, groups, cfg, tmp_path / "direct")
     assert out["scores"]["numbers"]["latent_mse"] == pytest.approx(want["numbers"]["latent_mse"], rel=1e-6)
