@@ -41,6 +41,10 @@ class ModelConfig:
     null_text_tokens: int = 4  # length of the learned null caption (>= 1 valid key)
     kernels: str = "ref"  # ref | triton
     attention: str = "auto"  # auto | flash | cudnn | sdpa | flex | math
+    # recompute each block's activations in the backward instead of keeping them (only each block's input is kept):
+    # less activation memory for one more forward of the blocks per step (by arithmetic ~1/3 more compute; the
+    # memory on a GPU is bench/bench_memory.py's, not yet measured); the same weights and losses
+    activation_checkpointing: bool = False
 
 
 @dataclass
