@@ -239,6 +239,26 @@ def test_ddp_and_fsdp_on_one_process_are_the_plain_run(tmp_path, cache):
     assert not torch.distributed.is_initialized()  # the group of one is gone with its run
 
 
+@pytest.mark.gpu
+def test_fsdp_bf16_on_one_gpu_keeps_fp32_master_weights(tmp_path, cache):
+    """train.strategy=fsdp with train.precision=bf16 on one GPU (a process group of one, NCCL): bf16 all-gathers,
+    yet the checkpoint's weights and EMA are fp32 (the master weights), and one plain process resumes it. Written
+    without a GPU: not run yet."""
+    import math
+
+    gpu = ("train.device=cuda", "train.precision=bf16", "train.compile=false")
+    run = tmp_path / "fsdp"
+    train(load_config("smoke", overrides(run, cache, *gpu, "train.strategy=fsdp")), quiet=True)
+    assert [s for s, _ in losses(run)] == list(range(1, 9))
+    assert all(math.isfinite(x) for _, x in losses(run))
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    assert all(v.dtype == torch.float32 for k in ("model", "ema") for v in state[k].values())
+    back = tmp_path / "back"
+    ckpt = run / "checkpoints" / "ckpt-00000004.dcp"
+    train(load_config("smoke", overrides(back, cache, *gpu, f"train.resume={ckpt}")), quiet=True)
+    assert [s for s, _ in losses(back)] == [5, 6, 7, 8]
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, cache):
     """model.activation_checkpointing recomputes each block in the backward: the same losses and weights (CPU:
     bitwise), and the checkpoint's keys are the plain model's."""
@@ -311,7 +331,8 @@ def test_accumulated_gradient_is_the_batch_gradient(tmp_path, cache):
     draws each sample's t and noise from its own id, so that both sides see the same noise whatever the cut, and
     the weights are moved off their zero-initialised output layers, so that every layer has a gradient.
     Tolerance rule: rounding only (the sums are taken in another order): loss 1e-6 relative, each gradient within
-    1e-6 of its largest entry (measured: 2.4e-7 and 1.7e-7; the null tokens' zero gradients stay zero), bin counts equal."""
+    1e-6 of its largest entry (measured: 2.4e-7 and 1.7e-7; the null tokens' zero gradients stay zero), bin counts
+    equal."""
     import zlib
 
     from nanodit.accumulate import accumulate, take
@@ -326,26 +347,28 @@ def test_accumulated_gradient_is_the_batch_gradient(tmp_path, cache):
         stats = {k: sum(s[k] for _, s in out) for k in ("bin_sum", "bin_count")}
         return torch.stack([loss for loss, _ in out]).mean(), stats
 
+    run = setup(
+        load_config("smoke", overrides(tmp_path, cache, "train.batch_size=6")),
+        lambda *a: None,
+        progress=False,
+    )
+    _open_records(run)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # away from the zero-initialised output layers: every layer gets a gradient
+        for p in run.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = take(next(run.loader), 0, 5)
+
     def step(parts: int):
-        cfg = load_config("smoke", overrides(tmp_path / f"a{parts}", cache, "train.batch_size=6"))
-        run = setup(cfg, lambda *a: None, progress=False)
-        _open_records(run)
         run.cfg.train.grad_accum, run.micro_generators = parts, [run.generator] * (parts - 1)
-        with (
-            torch.no_grad()
-        ):  # away from the zero-initialised output layers, so that every layer has a gradient
-            g = torch.Generator().manual_seed(1)
-            for p in run.model.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        batch = take(next(run.loader), 0, 5)
         if parts == 1:  # the reference: one forward and backward over the whole batch
             t = run.cfg.train
             args = (run.model.ops.flow_loss, run.generator, t.t_mean, t.t_std, t.loss_bins, run.autocast)
+            run.optim.zero_grad(set_to_none=True)
             loss, stats = per_sample(run.fwd, batch, *args, t.t_shift)
             loss.backward()
         else:
             loss, stats = accumulate(run, batch, per_sample)
-        run.close()
         return loss.detach(), stats, {k: p.grad.clone() for k, p in run.model.named_parameters()}
 
     loss, stats, grads = step(1)
@@ -362,6 +385,7 @@ def test_accumulated_gradient_is_the_batch_gradient(tmp_path, cache):
                 continue
             worst = (grads_a[k] - g).abs().max() / g.abs().max()
             assert worst <= 1e-6, (parts, k, worst.item())
+    run.close()
 
 
 @pytest.mark.parametrize(
