@@ -10,10 +10,11 @@ What may differ between the checkpoint's run and this one:
   resumed step on), validation (``val.*``), cadences (``train.log_every``, ``ckpt_every``,
   ``keep_checkpoints``, profiling), the loader's workers and backend (``data.num_workers``, ``prefetch``,
   ``loader``, ``gpu_cache_fraction``: every backend yields the same batches), ``data.check``,
-  ``data.on_error``, the device, compilation, ``model.kernels``/``attention`` (the same weights), ``run.*``,
-  ``train.on_nonfinite``, ``train.strategy`` (ddp and fsdp compute the same step; a change of the world size or of
-  ``train.grad_accum`` says so in one warning: nanodit/dist_checkpoint.py), and where the data lies and what its keys are called (``data.path``, ``data.keys.*``,
-  ``data.cache_dir``, ``data.t5_max_len``) as long as it holds the same samples;
+  ``data.on_error``, the device, compilation, ``model.kernels``/``attention``/``activation_checkpointing`` (the
+  same weights), ``run.*``, ``train.on_nonfinite``, ``train.strategy`` (ddp and fsdp compute the same step; a
+  change of the world size or of ``train.grad_accum`` says so in one warning: nanodit/dist_checkpoint.py), and
+  where the data lies and what its keys are called (``data.path``, ``data.keys.*``, ``data.cache_dir``,
+  ``data.t5_max_len``) as long as it holds the same samples;
 - with a one-line warning (the run goes on, but is no longer the uninterrupted run): anything else (the LR,
   batch size, seed, dropout, flip, precision, ...) and data whose buckets or counts changed;
 - never: the model's architecture or the data schema (latent channels, DINO and T5 widths): a one-line
@@ -56,6 +57,7 @@ FREE = (
     "data.t5_max_len",
     "model.kernels",
     "model.attention",
+    "model.activation_checkpointing",
 )
 ARCH = (
     "depth",
