@@ -41,6 +41,7 @@ from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.dist_checkpoint import layout_warnings, process_rng, restore, save_dcp, without_tensors
+from nanodit.flow import training_loss
 from nanodit.model import build_model
 from nanodit.nonfinite import StepGuard, grad_norm, stop_message
 from nanodit.optim import EMA, build_optimizer, ema_decay_at, lr_at
@@ -368,10 +369,10 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
     if run.cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
     if t.grad_accum > 1:  # micro-batches, each its own forward and backward (nanodit/accumulate.py)
-        loss, stats = accumulate(run, batch)
+        loss, stats = accumulate(run, batch, training_loss)
     else:
         with prof.region("forward+loss"):
-            loss, stats = forward_loss(run, batch, run.generator)  # flow.training_loss
+            loss, stats = forward_loss(run, batch, run.generator, training_loss)
         with prof.region("backward"):
             run.optim.zero_grad(set_to_none=True)
             loss.backward()
