@@ -8,6 +8,9 @@ A write that fails (a full disk, a vanished mount) removes its temp file and rai
 ``CheckpointError`` naming the newest intact checkpoint; older checkpoints are deleted (``keep``) only after a
 new one is complete. A kill during a write leaves at most a ``*.tmp`` file, never a listed checkpoint; the
 trainer removes such leftovers at start (``runlog.prepare_run_dir``).
+
+A run on several processes writes ``ckpt-<step>.dcp/`` folders instead (torch.distributed.checkpoint, readable on
+any world size: nanodit/dist_checkpoint.py); both kinds are listed, pruned and loaded here alike.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CKPT_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
+CKPT_RE = re.compile(r"^ckpt-(\d{8})\.(pt|dcp)$")  # a file (one process) or a DCP folder (several)
 
 
 class CheckpointError(RuntimeError):
@@ -101,7 +104,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 3) 
             _atomic(target, lambda p, t=tensors: save_file(t, str(p), {"step": str(step)}))
         for old in list_checkpoints(run_dir)[:-keep]:
             target = old
-            old.unlink()
+            remove_checkpoint(old)
     except Exception as e:  # OSError (ENOSPC, EIO, ...) or torch's RuntimeError from its zip writer
         raise _failed(target, step, e, run_dir) from None
     return path
@@ -123,7 +126,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))
+    found = [p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name) and (p.is_dir() == (p.suffix == ".dcp"))]
+    return sorted(found, key=lambda p: (int(CKPT_RE.match(p.name).group(1)), p.name))
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file or DCP folder."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -131,12 +143,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", tensors: bool = True) -> dict:
+    """The state of a checkpoint file, or of a DCP folder read whole (the same dict). ``tensors=False``: of a
+    folder only its metadata (model, ema and optim None; its shard files are checked to be complete)."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first_line(e)})") from None
+    if path.is_dir():
+        from nanodit.dist_checkpoint import load_dcp
+
+        state = load_dcp(path, tensors)
+    else:
+        try:  # without tensors: memory-mapped, so that they are not read
+            state = torch.load(path, map_location=map_location, weights_only=False, mmap=not tensors)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first_line(e)})") from None
     for key in ("model", "ema", "optim", "step", "config"):
         if not isinstance(state, dict) or key not in state:
             raise CheckpointError(f"{path}: not a nanodit checkpoint (no {key!r})")

@@ -41,6 +41,10 @@ class ModelConfig:
     null_text_tokens: int = 4  # length of the learned null caption (>= 1 valid key)
     kernels: str = "ref"  # ref | triton
     attention: str = "auto"  # auto | flash | cudnn | sdpa | flex | math
+    # recompute each block's activations in the backward instead of keeping them (only each block's input is kept):
+    # less activation memory for one more forward of the blocks per step (by arithmetic ~1/3 more compute; the
+    # memory on a GPU is bench/bench_memory.py's, not yet measured); the same weights and losses
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -118,7 +122,16 @@ class TrainConfig:
     # H200 machine's CPU was 80-100 s per shape for the whole model, see bench/results/h200-2026-11-27-s2)
     compile_scope: str = "model"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto or cuda, each process takes cuda:LOCAL_RANK)
+    # how the processes torchrun starts share the work (nanodit/distributed.py): none (one process) | ddp
+    # (replicas, gradients all-reduced) | fsdp (FSDP2: weights, gradients, AdamW moments and EMA sharded; bf16
+    # all-gathers under train.precision=bf16, fp32 master weights). auto: none on one process; on several, ddp
+    # for a model under 250M parameters (nano), fsdp from 250M on (production)
+    strategy: str = "auto"
+    # micro-batches per optimizer step on each process: train.batch_size is the global batch of one step, so each
+    # of W processes takes batch_size / W samples in grad_accum forward/backward passes (batch_size must be
+    # divisible by W x grad_accum); 1 = no accumulation
+    grad_accum: int = 1
     log_every: int = 10
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
@@ -189,6 +202,7 @@ CHOICES = {
     "data.on_error": ("raise", "skip"),
     "data.check": ("auto", "full"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.strategy": ("auto", "none", "ddp", "fsdp"),
     "train.precision": ("fp32", "tf32", "bf16"),
     "val.vae_dtype": ("fp32", "bf16"),
     "val.lpips_net": ("alex", "vgg", "squeeze"),
@@ -202,6 +216,7 @@ POSITIVE = [
     "data.t5_pad_multiple",
     "train.steps",
     "train.batch_size",
+    "train.grad_accum",
     "train.log_every",
     "train.ckpt_every",
     "train.keep_checkpoints",
@@ -267,6 +282,11 @@ def check(cfg: Config) -> Config:
         raise ConfigError("config: train.p_drop_both + p_drop_text + p_drop_dino must be <= 1")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"config: train.betas={list(t.betas)} must be two numbers in [0, 1)")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"config: train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size} "
+            "(the batch of one step is cut into grad_accum equal micro-batches)"
+        )
     if t.min_lr > t.lr:
         raise ConfigError(f"config: train.min_lr={t.min_lr} must be <= train.lr={t.lr}")
     m = cfg.model
@@ -296,8 +316,13 @@ def check(cfg: Config) -> Config:
         raise ConfigError(
             f"config: data.keys: {dup[0]!r} is given for two keys ({', '.join(k for k, e in names.items() if e == dup[0])})"
         )
-    if t.resume not in ("none", "auto") and not Path(t.resume).is_file():
-        raise ConfigError(f"config: train.resume={t.resume!r} is neither none, auto nor a checkpoint file")
+    resume = Path(t.resume)
+    if t.resume not in ("none", "auto") and not (
+        resume.is_file() or resume.suffix == ".dcp" and resume.is_dir()
+    ):
+        raise ConfigError(
+            f"config: train.resume={t.resume!r} is neither none, auto, a checkpoint file nor a .dcp checkpoint folder"
+        )
     return cfg
 
 

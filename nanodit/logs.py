@@ -93,13 +93,14 @@ def verbosity(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def quieted(on: bool) -> Iterator[None]:
-    """Warnings only for the duration (``train(cfg, quiet=True)``); the level comes back after."""
+def quieted(on: bool, level: int = logging.WARNING) -> Iterator[None]:
+    """Only ``level`` and above for the duration (``train(cfg, quiet=True)``: warnings; a rank other than 0:
+    errors); the level comes back after."""
     if not on:
         yield
         return
     old = LOG.level
-    LOG.setLevel(max(logging.WARNING, old))
+    LOG.setLevel(max(level, old))
     try:
         yield
     finally:

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanodit.attention import attention
 from nanodit.kernels import get_ops
@@ -169,9 +170,13 @@ class NanoDiT(nn.Module):
         null_text_tokens: int = 4,
         kernels: str = "ref",
         attention: str = "auto",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.patch, self.in_channels, self.width = patch, in_channels, width
+        # recompute each block in the backward (torch.utils.checkpoint, non-reentrant): its activations are not
+        # kept between forward and backward; a plain attribute, so the state_dict keys never change
+        self.activation_checkpointing = activation_checkpointing
         self.ops = get_ops(kernels)
         self.x_embed = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch)
         self.t_embed = TimestepEmbedder(width)
@@ -275,8 +280,14 @@ class NanoDiT(nn.Module):
         h = self.patchify(x) + self.pos_embed(H // p, W // p, x.device)[None].to(x.dtype)  # (B, T, D)
         c = self.condition(t, dino, drop_dino)  # (B, D)
         y, y_mask = self.caption(t5, t5_mask, drop_text)  # (B, L, D), (B, L)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, c, y, y_mask)  # (B, T, D)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(
+                    block, h, c, y, y_mask, use_reentrant=False
+                )  # (B, T, D)
+            else:
+                h = block(h, c, y, y_mask)  # (B, T, D)
         out = self.final(h, c)  # (B, T, p*p*C)
         return self.unpatchify(out, H, W)  # (B, C, H, W)
 
@@ -308,4 +319,5 @@ def build_model(mcfg, dino_dim: int, t5_dim: int) -> NanoDiT:
         null_text_tokens=mcfg.null_text_tokens,
         kernels=mcfg.kernels,
         attention=mcfg.attention,
+        activation_checkpointing=mcfg.activation_checkpointing,
     )

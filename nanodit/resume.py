@@ -10,9 +10,11 @@ What may differ between the checkpoint's run and this one:
   resumed step on), validation (``val.*``), cadences (``train.log_every``, ``ckpt_every``,
   ``keep_checkpoints``, profiling), the loader's workers and backend (``data.num_workers``, ``prefetch``,
   ``loader``, ``gpu_cache_fraction``: every backend yields the same batches), ``data.check``,
-  ``data.on_error``, the device, compilation, ``model.kernels``/``attention`` (the same weights), ``run.*``,
-  ``train.on_nonfinite``, and where the data lies and what its keys are called (``data.path``, ``data.keys.*``,
-  ``data.cache_dir``, ``data.t5_max_len``) as long as it holds the same samples;
+  ``data.on_error``, the device, compilation, ``model.kernels``/``attention``/``activation_checkpointing`` (the
+  same weights), ``run.*``, ``train.on_nonfinite``, ``train.strategy`` (ddp and fsdp compute the same step; a
+  change of the world size or of ``train.grad_accum`` says so in one warning: nanodit/dist_checkpoint.py), and
+  where the data lies and what its keys are called (``data.path``, ``data.keys.*``, ``data.cache_dir``,
+  ``data.t5_max_len``) as long as it holds the same samples;
 - with a one-line warning (the run goes on, but is no longer the uninterrupted run): anything else (the LR,
   batch size, seed, dropout, flip, precision, ...) and data whose buckets or counts changed;
 - never: the model's architecture or the data schema (latent channels, DINO and T5 widths): a one-line
@@ -41,6 +43,8 @@ FREE = (
     "train.compile_mode",
     "train.compile_scope",
     "train.on_nonfinite",
+    "train.strategy",
+    "train.grad_accum",  # with the world size: one layout warning (dist_checkpoint.layout_warnings)
     "val.",
     "run.",
     "data.num_workers",
@@ -55,6 +59,7 @@ FREE = (
     "data.t5_max_len",
     "model.kernels",
     "model.attention",
+    "model.activation_checkpointing",
 )
 ARCH = (
     "depth",
@@ -73,19 +78,22 @@ class ResumeError(CheckpointError):
     """This run cannot continue the checkpoint; the message is one line and says what differs."""
 
 
-def pick_checkpoint(run_dir: Path, resume: str, map_location) -> tuple[Path | None, dict | None]:
-    """(path, state) to resume from for ``train.resume`` (none | auto | PATH), or (None, None)."""
+def pick_checkpoint(
+    run_dir: Path, resume: str, map_location, tensors: bool = True
+) -> tuple[Path | None, dict | None]:
+    """(path, state) to resume from for ``train.resume`` (none | auto | PATH), or (None, None). ``tensors=False``
+    (several processes): only what a check needs is read (``checkpoint.load_checkpoint``)."""
     if resume == "none":
         return None, None
     if resume != "auto":
-        return Path(resume), load_checkpoint(resume, map_location=map_location)
+        return Path(resume), load_checkpoint(resume, map_location=map_location, tensors=tensors)
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         log.info(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}: starting at step 0")
         return None, None
     for path in reversed(ckpts):
         try:
-            state = load_checkpoint(path, map_location=map_location)
+            state = load_checkpoint(path, map_location=map_location, tensors=tensors)
         except CheckpointError as e:
             bad = path.with_name(path.name + ".corrupt")
             path.replace(bad)  # never picked again, kept for a look

@@ -12,6 +12,10 @@ exits with 130 (SIGINT) or 143 (SIGTERM), printing one line that says where the 
 aborts at once (``os._exit``, nothing more is written; the last checkpoint stays intact because every write
 is a temp file + rename). DataLoader workers inherit the handler across fork; there it does nothing, so that
 only the main process decides when the run stops and shuts the workers down in order.
+
+Under torchrun (``grace_s`` > 0) a second signal within ``grace_s`` seconds of the first is the same request: a
+Ctrl-C reaches every worker from the terminal and again from torchrun, which forwards it (and SIGKILLs workers
+that are not done 30 s later); the ranks agree on the step to stop after (nanodit/distributed.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -38,8 +43,9 @@ def signal_name(signum: int) -> str:
 class GracefulStop:
     """Installs the SIGINT/SIGTERM handlers for its ``with`` block (main thread only; elsewhere a no-op)."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = 0.0):
         self.signum: int | None = None
+        self.grace_s, self._first_at = grace_s, 0.0
         self.armed = False
         self._pid = os.getpid()
         self._previous: dict[int, object] = {}
@@ -68,11 +74,13 @@ class GracefulStop:
         if os.getpid() != self._pid:
             return  # a forked DataLoader worker: the main process stops the run and the workers
         name = signal_name(signum)
+        if self.signum is not None and time.monotonic() - self._first_at < self.grace_s:
+            return  # the same request again (a launcher forwarding it)
         if self.signum is not None:
             # os.write, not print: a handler may run in the middle of another print (reentrant buffer)
             os.write(2, f"\n{name} again: aborted at once; the last checkpoint is intact\n".encode())
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         if not self.armed:
             raise Interrupted(signum, f"interrupted by {name} before the first step: nothing to save")
         again = "Ctrl-C" if signum == signal.SIGINT else name

@@ -3,10 +3,15 @@
     python -m nanodit.train                                   # nano on a GPU, smoke on a CPU, built-in shapes data
     python -m nanodit.train --config configs/nano.yaml run.dir=runs/nano train.precision=bf16
     python -m nanodit.train --config smoke run.dir=runs/smoke train.resume=auto
+    torchrun --standalone --nproc_per_node 2 -m nanodit.train --config production run.dir=runs/prod  # several GPUs
 
 The story, one function each: ``setup`` (config -> device -> run folder -> data -> model -> optimizer/EMA ->
 validator -> compile -> resume), ``loop`` (``train_step``, ``log_step``, checkpoint, validate, stop), ``teardown``
 (final checkpoint, final validation with the self-test, summary, the last lines).
+
+Under torchrun the same story runs on every rank (nanodit/distributed.py owns what differs: the process group, the
+DDP/FSDP wrapper, the agreement between ranks; nanodit/dist_checkpoint.py the checkpoint folders): rank 0 alone
+writes the run folder's records and validates, every rank checkpoints and resumes together.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from pathlib import Path
 
 import torch
 
+from nanodit import distributed
+from nanodit.accumulate import accumulate, forward_loss, slot_seed
 from nanodit.checkpoint import (
     CheckpointError,
     list_checkpoints,
-    rng_state,
     save_checkpoint,
     save_state,
-    set_rng_state,
 )
 from nanodit.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
@@ -35,6 +40,7 @@ from nanodit.data.prepare import prepare
 from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
+from nanodit.dist_checkpoint import layout_warnings, process_rng, restore, save_dcp, without_tensors
 from nanodit.flow import training_loss
 from nanodit.logs import add_verbosity, command_logging, ensure_configured, progress_safe, quieted, verbosity
 from nanodit.model import build_model
@@ -78,8 +84,15 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     """
     ensure_configured()
     stages = Stages()
-    with GracefulStop() as stop, quieted(quiet):
-        run = setup(cfg, progress=cfg.run.progress and not quiet, stages=stages)
+    with (
+        distributed.session(cfg, agreed=(Interrupted, TrainError)) as dist,
+        GracefulStop(grace_s=2.0 if dist.world > 1 else 0.0) as stop,
+        quieted(
+            quiet or not dist.is_main, logging.WARNING if dist.is_main else logging.ERROR
+        ),  # rank 0 speaks
+    ):
+        quiet = quiet or not dist.is_main
+        run = setup(cfg, progress=cfg.run.progress and not quiet, dist=dist, stages=stages)
         with progress_safe(run.progress):
             if not loop(run, stop, stop_after):
                 return {"run_dir": str(run.dir), "steps": run.step, "interrupted": True}
@@ -107,6 +120,10 @@ class Run:
     cudagraphs: bool
     skipped: dict  # samples the loader skipped, by reason (data.on_error=skip)
     stages: Stages  # where the job's wall time goes (summary.json's stages_s)
+    # this process's rank and strategy, the agreement between ranks (nanodit/distributed.py)
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    micro_generators: list = field(default_factory=list)  # noise of micro-batches 1.. (train.grad_accum)
+    validates: bool = False  # validation runs in this run (on rank 0; the other ranks wait for it)
     step: int = 0
     book: dict = field(default_factory=dict)  # carried over a resume: loss window, first loss, bad steps
     metrics: MetricsLogger | None = None
@@ -127,12 +144,12 @@ class Run:
             "ema": self.ema.state_dict(),
             "optim": self.optim.state_dict(),
             "step": at,
-            "rng": rng_state(self.generator),
+            "rng": process_rng(self),
             "loader": self.loader.state_dict(),
             "config": to_dict(self.cfg),
             "manifest": self.manifest,
             "log": {
-                "window": self.window.state_dict(),
+                "window": self.dist.window_state(self.window),
                 "first_loss": self.first_loss,
                 "nonfinite_steps": self.nonfinite_total,
             },
@@ -140,11 +157,22 @@ class Run:
 
     def checkpoint(self, at: int) -> Path:
         if at not in self.saved:  # a stop right after a periodic save reuses it
+            keep = self.cfg.train.keep_checkpoints
             with self.stages("checkpoints"):
-                self.saved[at] = save_checkpoint(
-                    self.dir, at, self.state(at), keep=self.cfg.train.keep_checkpoints
-                )
+                if (
+                    self.dist.sharded_checkpoints
+                ):  # several processes: a DCP folder, every rank writing its part
+                    self.saved[at] = save_dcp(self.dir / "checkpoints", at, self.state(at), self.dist, keep)
+                else:
+                    self.saved[at] = save_checkpoint(self.dir, at, self.state(at), keep=keep)
         return self.saved[at]
+
+    def keep_apart(self, at: int, bad: list) -> Path:
+        """The state of a non-finite stop, in ``<run>/nonfinite/`` (never picked by resume=auto)."""
+        state = {**self.state(at), "nonfinite": bad}
+        if self.dist.sharded_checkpoints:
+            return save_dcp(self.dir / "nonfinite", at, state, self.dist)
+        return save_state(self.dir / "nonfinite" / f"ckpt-{at:08d}.pt", state)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -156,26 +184,30 @@ class Run:
 # ---- setup ------------------------------------------------------------------------------------
 
 
-def setup(cfg: Config, progress: bool, stages: Stages | None = None) -> Run:
-    """config -> device -> run folder -> data -> model -> optimizer/EMA -> validator -> compile -> resume."""
-    device = pick_device(cfg.train.device)
+def setup(
+    cfg: Config, progress: bool, dist: distributed.Dist | None = None, stages: Stages | None = None
+) -> Run:
+    """config -> device -> run folder -> data -> model -> optimizer/EMA -> validator -> compile -> resume.
+    ``dist``: this process's place among several (nanodit/distributed.py); None: one process."""
+    dist = dist or distributed.Dist(device=pick_device(cfg.train.device))
+    stages = stages or Stages()
+    device = dist.device
     autocast = set_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
-    run_dir, resume_from, state = _run_folder(cfg, device)
-
-    stages = stages or Stages()
+    # rank 0 prepares the folder and picks the checkpoint; the others take its answer (without the tensors)
+    run_dir, resume_from, state = dist.on_main(lambda: _run_folder(cfg, device, tensors=dist.world == 1))
     with stages("data"):
-        prepare(
-            cfg
-        )  # the built-in shapes set is written here when data.path is null; build_loader only reads
+        # the built-in shapes set is written here when data.path is null (by rank 0 alone); build_loader only reads
+        dist.on_main(lambda: prepare(cfg))
         manifest, loader = build_loader(cfg, device, progress=progress)
     log.info(data_line(loader))
     for problem in loader.problems:  # data-set problems kept going under data.on_error=skip
         log.warning("%s", problem)
 
     with stages("model"):
-        model, optim, ema, validator, (fwd, cudagraphs) = _build(cfg, manifest, loader.root, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+        model, fwd, generators, optim, ema, validator = _build(cfg, manifest, loader.root, dist)
+        fwd, cudagraphs = _compile(cfg, model, fwd, device)
+    generator, *micro_generators = generators
     run = Run(
         cfg=cfg,
         progress=progress,
@@ -194,32 +226,51 @@ def setup(cfg: Config, progress: bool, stages: Stages | None = None) -> Run:
         cudagraphs=cudagraphs,
         skipped=skip_counts(loader.skipped),
         stages=stages,
+        dist=dist,
+        micro_generators=micro_generators,
+        validates=bool(cfg.val.every or cfg.val.at_end),
     )
     if state is not None:
         _resume(run, state, resume_from)
     return run
 
 
-def _build(cfg: Config, manifest: dict, data_root: Path, device: torch.device):
-    """(model, optimizer, EMA, validator or None, (what the step calls, whether it runs as CUDA graphs))."""
+def _build(cfg: Config, manifest: dict, data_root: Path, dist: distributed.Dist):
+    """(model, what the step calls before compilation (DDP / FSDP2 / the model), the noise generators, optimizer,
+    EMA, validator or None: rank 0 alone validates)."""
+    device = dist.device
     model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(device)
     log.info(
         f"model: {cfg.model.size} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
         f"kernels={cfg.model.kernels}, attention={cfg.model.attention}, precision={cfg.train.precision}, "
         f"compile={cfg.train.compile}, device={device}"
     )
+    fwd = distributed.wrap(dist, model, cfg)  # DDP, FSDP2 (in place) or the model itself
+    for line in dist.describe(cfg):  # several processes or micro-batches: how the batch is split
+        log.info(line)
+    generators = _noise_generators(cfg, dist.rank, device)
     optim = build_optimizer(model, cfg.train, device)
     ema = EMA(model)
     # validation: the run's judge, built once from its config, manifest and samples
     validator = None
-    if cfg.val.every or cfg.val.at_end:
+    if (cfg.val.every or cfg.val.at_end) and dist.is_main:
         _, val_groups = read_val_samples(data_root, cfg.val.samples, cfg.data.on_error)
         validator = Validator(cfg, manifest, val_groups, device)
-    return model, optim, ema, validator, _compile(cfg, model, device)
+    return model, fwd, generators, optim, ema, validator
 
 
-def _run_folder(cfg: Config, device: torch.device) -> tuple[Path, Path | None, dict | None]:
-    """The run folder, proven writable, and the checkpoint to resume from (checked against the model)."""
+def _noise_generators(cfg: Config, rank: int, device: torch.device) -> list[torch.Generator]:
+    """The t and noise generators of this rank's micro-batches: slot rank * grad_accum + j (nanodit/accumulate.py).
+    One process without accumulation: one generator seeded by train.seed, as always."""
+    slots = [rank * cfg.train.grad_accum + j for j in range(cfg.train.grad_accum)]
+    return [torch.Generator(device=device).manual_seed(slot_seed(cfg.train.seed, s)) for s in slots]
+
+
+def _run_folder(
+    cfg: Config, device: torch.device, tensors: bool = True
+) -> tuple[Path, Path | None, dict | None]:
+    """The run folder, proven writable, and the checkpoint to resume from (checked against the model).
+    ``tensors=False`` (several processes): the state without model/ema/optim (rank 0 sends it to the others)."""
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir()
     stale = prepare_run_dir(run_dir)  # before any work: a folder that cannot be written is one line
     if stale:
@@ -230,40 +281,42 @@ def _run_folder(cfg: Config, device: torch.device) -> tuple[Path, Path | None, d
         raise TrainError(
             f"run.dir={run_dir} already holds checkpoints; pass train.resume=auto to continue it or pick a new run.dir"
         )
-    resume_from, state = pick_checkpoint(
-        run_dir, cfg.train.resume, torch.device(pick_device(cfg.train.device))
-    )
+    where = torch.device(pick_device(cfg.train.device)) if tensors else "cpu"
+    resume_from, state = pick_checkpoint(run_dir, cfg.train.resume, where, tensors=tensors)
     if state is not None:
         check_compatible(state, cfg)  # the model's shape, before the data is read
+        state = state if tensors else without_tensors(state)
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     return run_dir, resume_from, state
 
 
-def _compile(cfg: Config, model: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, bool]:
-    """(what the step calls, whether it runs as CUDA graphs); checkpoints always hold the uncompiled module."""
+def _compile(
+    cfg: Config, model: torch.nn.Module, fwd: torch.nn.Module, device: torch.device
+) -> tuple[torch.nn.Module, bool]:
+    """(what the step calls, whether it runs as CUDA graphs); checkpoints always hold the uncompiled module.
+    ``fwd``: the module the step calls before compilation (the model, or its DDP wrapper)."""
     cudagraphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
     if not cfg.train.compile:
-        return model, cudagraphs
+        return fwd, cudagraphs
     # one graph per bucket shape (and per last-batch size and caption length, until dynamo marks those dims
     # dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
     if cfg.train.compile_scope == "model":
-        return torch.compile(model, mode=mode), cudagraphs
+        return torch.compile(fwd, mode=mode), cudagraphs
     # regional compilation: every block runs the same compiled code (dynamo lifts the parameters to inputs), so
     # the cold start compiles one block per shape instead of the whole network; the rest of the forward
     # (embedders, final layer) stays eager. In place: state_dict keys are unchanged.
     for block in model.blocks:
         block.compile(mode=mode)
-    return model, cudagraphs
+    return fwd, cudagraphs
 
 
 def _resume(run: Run, state: dict, path: Path) -> None:
-    for warning in check_compatible(state, run.cfg, run.manifest):
+    for warning in check_compatible(state, run.cfg, run.manifest) + layout_warnings(run, state):
         log.warning("%s", warning)
-    load_into(state, run.model, run.ema, run.optim, path)
-    run.loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"], run.generator)
+    # weights, EMA, optimizer, loader position, RNG, on any world size (nanodit/dist_checkpoint.py)
+    restore(run, state, path, load_into)
     run.step = int(state["step"])
     run.book = state.get("log", {})  # the loss window and the run's first loss (runlog.py)
     log.info(f"resume: {path} (step {run.step})")
@@ -298,30 +351,28 @@ def _steps(run: Run, stop: GracefulStop, stop_after: int | None) -> bool:
             run.checkpoint(run.step)
             run.close()
             return False
-        if stop.requested is not None:  # SIGINT / SIGTERM: this step is done; save it and go
+        signum = run.dist.vote_stop(stop.requested)  # several ranks stop after the same step
+        if signum is not None:  # SIGINT / SIGTERM: this step is done; save it and go
             path = run.checkpoint(run.step)
             run.close()
             raise Interrupted(
-                stop.requested,
-                f"interrupted by {signal_name(stop.requested)} after step {run.step}: checkpoint {path} "
+                signum,
+                f"interrupted by {signal_name(signum)} after step {run.step}: checkpoint {path} "
                 "(continue with train.resume=auto)",
             )
-        if (
-            run.validator is not None
-            and cfg.val.every
-            and run.step % cfg.val.every == 0
-            and run.step < t.steps
-        ):
+        if run.validates and cfg.val.every and run.step % cfg.val.every == 0 and run.step < t.steps:
             with run.stages("validation"):
-                validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics)
+                validate_shared(run)
             run.window.t0 = time.perf_counter()
     return True
 
 
 def _open_records(run: Run) -> None:
     """metrics.jsonl (rows after a resumed step go), the loss window, the progress bar, the profiler."""
-    t = run.cfg.train
-    run.metrics = MetricsLogger(run.dir, run.cfg.run.tensorboard, run.step)
+    t, main = run.cfg.train, run.dist.is_main
+    run.metrics = (
+        MetricsLogger(run.dir, run.cfg.run.tensorboard, run.step) if main else distributed.NoMetrics()
+    )
     if run.progress:
         from tqdm import tqdm  # imported only where a bar is drawn
 
@@ -330,10 +381,10 @@ def _open_records(run: Run) -> None:
         torch.cuda.reset_peak_memory_stats(run.device)
     run.window = LossWindow(run.device, t.loss_bins)
     if "window" in run.book:
-        run.window.load_state_dict(run.book["window"])
+        run.dist.load_window(run.window, run.book["window"])
     first = run.book.get("first_loss", first_logged_loss(run.dir / "metrics.jsonl") if run.step else None)
     run.first_loss, run.nonfinite_total = first, int(run.book.get("nonfinite_steps", 0))
-    run.prof = StepProfiler(run.dir / "profile", t.profile_start, t.profile_steps, run.device)
+    run.prof = StepProfiler(run.dir / "profile", t.profile_start, t.profile_steps if main else 0, run.device)
 
 
 def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
@@ -350,25 +401,23 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
         g["lr"] = lr
     if run.cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
-    with prof.region("forward+loss"):
-        loss, stats = training_loss(
-            run.fwd,
-            batch,
-            run.model.ops.flow_loss,
-            run.generator,
-            t.t_mean,
-            t.t_std,
-            t.loss_bins,
-            run.autocast,
-            t.t_shift,
-        )
+    if t.grad_accum > 1:  # micro-batches, each its own forward and backward (nanodit/accumulate.py)
+        loss, stats = accumulate(run, batch, training_loss)
+    else:
+        with prof.region("forward+loss"):
+            loss, stats = forward_loss(run, batch, run.generator, training_loss)
+        with prof.region("backward"):
+            run.optim.zero_grad(set_to_none=True)
+            loss.backward()
     with prof.region("backward"):
-        run.optim.zero_grad(set_to_none=True)
-        loss.backward()
         params = run.model.parameters()
         gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else None
+        gnorm = run.dist.plain(gnorm)  # FSDP: the norm over every shard
     with prof.region("optimizer"):
-        ok = run.guard.check(loss, gnorm if gnorm is not None else grad_norm(run.model.parameters()))
+        ok = run.guard.check(
+            loss, gnorm if gnorm is not None else run.dist.plain(grad_norm(run.model.parameters()))
+        )
+        ok = run.dist.agree_ok(ok)  # several ranks: skipped everywhere if not finite anywhere (on the device)
         run.guard.step(ok, run.step + 1, batch.ids)  # masked on the device where not ok: no host sync
     with prof.region("ema"):
         run.ema.update(run.model, ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps))
@@ -384,7 +433,8 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
     t, step = run.cfg.train, run.step
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    bad = run.guard.read()  # the window's finite flags, in one transfer
+    bad = distributed.merge_bad(run.dist, run.guard.read())  # the window's finite flags, in one transfer
+    run.dist.reduce_window(run.window)  # several ranks: the window of the whole run
     run.nonfinite_total += len(bad)
     row = log_row(run.window, bad, lr, gnorm, run.loader.state_dict()["epoch"], t.loss_bins)
     if run.skipped and not run.rows_logged:
@@ -398,9 +448,7 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
         run.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
     run.window.reset()
     if bad and t.on_nonfinite == "stop":
-        kept = save_state(
-            run.dir / "nonfinite" / f"ckpt-{step:08d}.pt", {**run.state(step), "nonfinite": bad}
-        )
+        kept = run.keep_apart(step, bad)
         run.close()
         raise TrainError(stop_message(bad, step, kept))
     if bad:
@@ -440,21 +488,37 @@ def teardown(run: Run) -> dict:
     if run.prof.summary is not None:
         summary["profile"] = run.prof.summary
         log.info(f"profile: {run.dir / 'profile'} (trace.json, summary.txt)")
+    if (
+        run.dist.world > 1 or run.dist.strategy != "none" or run.cfg.train.grad_accum > 1
+    ):  # DDP: replicas compared
+        summary["distributed"] = distributed.summary(run.dist, run.cfg, run.model, run.ema)
     report = None
-    if run.validator is not None and run.cfg.val.at_end:
+    if run.validates and run.cfg.val.at_end:
         with run.stages("validation"):
-            report = validate_ema(run.validator, run.ema, run.dir, run.step, run.metrics, final=True)
+            report = validate_shared(run, final=True)
         if report is not None:  # the scores themselves are in the report folder's scores.json
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
     run.close()
     summary["stages_s"] = run.stages.summary()
-    write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
+    if run.dist.is_main:
+        write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
     log.info(f"done: {run.step} steps, loss {run.first_loss} -> {run.last_loss}")
     log.info(f"run folder: {run.dir} (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)")
     if report is not None:
         for line in decision_lines(report["scores"], report["path"]):
             log.info(line)
     return summary
+
+
+def validate_shared(run: Run, final: bool = False) -> dict | None:
+    """``validate_ema`` on rank 0 (the EMA gathered whole under FSDP: every rank takes part in that), while the other
+    ranks wait at a barrier. One process: ``validate_ema`` itself."""
+    ema = distributed.full_ema(run.dist, run.ema)
+    report = None
+    if run.validator is not None:
+        report = validate_ema(run.validator, ema, run.dir, run.step, run.metrics, final=final)
+    run.dist.barrier()
+    return report
 
 
 def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, *, final: bool = False):
@@ -469,8 +533,9 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
         vmodel = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(validator.device)
         ema.copy_to(vmodel)
         vmodel.eval().requires_grad_(False)
-        ckpt = run_dir / "checkpoints" / f"ckpt-{step:08d}.pt"  # the weights judged, when saved at this step
-        extra = {"checkpoint": str(ckpt)} if ckpt.is_file() else None
+        saved = [run_dir / "checkpoints" / f"ckpt-{step:08d}{s}" for s in (".pt", ".dcp")]
+        ckpt = next((p for p in saved if p.exists()), None)  # the weights judged, when saved at this step
+        extra = {"checkpoint": str(ckpt)} if ckpt is not None else None
         result = validator.run(
             vmodel, step, step_dir, run_dir, metrics, self_test=final and cfg.val.self_test, extra=extra
         )
@@ -519,10 +584,10 @@ def _main(args: argparse.Namespace) -> int:
         cfg = load_config(name, args.overrides)
         train(cfg, quiet=args.quiet > 0)
     except Interrupted as e:
-        print(f"{e}", file=sys.stderr)
+        print(f"{distributed.log_prefix()}{e}", file=sys.stderr)
         return e.exit_code
     except (ConfigError, TrainError, ShardError, CheckpointError, DeviceError, RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{distributed.log_prefix()}error: {e}", file=sys.stderr)
         return 2
     return 0
 

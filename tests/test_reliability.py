@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from smokerun import smoke_cache, tiny_overrides
 
 import nanodit.checkpoint as ckpt_mod
 import nanodit.train as train_mod
 from nanodit.checkpoint import CheckpointError, list_checkpoints
 from nanodit.config import load_config
-from nanodit.data.prepare import prepare
 from nanodit.nonfinite import StepGuard
 from nanodit.resume import ResumeError
 from nanodit.train import TrainError, main, train
@@ -36,23 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """The smoke config's shapes set, generated once for every run of this file."""
-    d = tmp_path_factory.mktemp("cache")
-    prepare(load_config("smoke", [f"data.cache_dir={d}"]))
-    return d
+    return smoke_cache(tmp_path_factory)
 
 
-def overrides(run: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        f"run.dir={run}",
-        f"data.cache_dir={cache}",
-        "model.size=tiny",
-        "train.log_every=1",
-        "run.progress=false",
-        "val.at_end=false",
-        "val.every=0",
-        "run.tensorboard=false",
-        *extra,
-    ]
+overrides = tiny_overrides
 
 
 def cfg(run: Path, cache: Path, *extra: str):

@@ -85,10 +85,18 @@ def rank_and_world(cfg: Config) -> tuple[int, int]:
 
 
 def semantics(cfg: Config) -> Semantics:
+    """The loaders' semantics of ``cfg``; train.batch_size is the global batch, each of the world's ranks loads
+    its share of it (nanodit/distributed.py)."""
     t, d = cfg.train, cfg.data
     rank, world = rank_and_world(cfg)
+    if t.batch_size % world:
+        from nanodit.config import ConfigError  # late: the loaders themselves need no omegaconf
+
+        raise ConfigError(
+            f"config: train.batch_size={t.batch_size} is not divisible by data.world_size={world}"
+        )
     return Semantics(
-        batch_size=t.batch_size,
+        batch_size=t.batch_size // world,
         seed=t.seed,
         shuffle=d.shuffle,
         flip=d.flip,
