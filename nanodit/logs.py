@@ -1,6 +1,7 @@
 """How nanodit talks: one ``logging`` tree under the ``nanodit`` logger, printed to stdout as plain lines.
 
-Every module logs to ``logging.getLogger(__name__)``. The command lines set it up for their run
+Every module logs to ``logging.getLogger(__name__)`` (a module that runs as ``python -m`` names itself:
+its ``__name__`` is then ``__main__``, outside the tree). The command lines set it up for their run
 (``command_logging``) from their ``-q``/``-v`` count (``add_verbosity``): ``-q`` keeps warnings and errors only, the default adds the progress
 lines (INFO), ``-v`` adds DEBUG. INFO lines print as they are; other levels get their name in front
 (``warning: ...``), so a line keeps reading the same in a terminal and in a log file. While a tqdm bar is drawn,

@@ -64,7 +64,7 @@ from nanodit.tracing import StepProfiler
 from nanodit.validation import Validator, read_val_samples, write_final
 from nanodit.validation.report import decision_lines
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nanodit.train")  # by name: under python -m nanodit.train, __name__ is __main__
 
 
 class TrainError(RuntimeError):

@@ -122,3 +122,12 @@ def test_a_program_with_its_own_logging_gets_the_records(tmp_path, capsys) -> No
     assert "done: 2 steps" not in capsys.readouterr().out
     done = [r for r in records if r.getMessage().startswith("done: 2 steps")]
     assert done and done[0].name == "nanodit.train" and done[0].levelno == logging.INFO
+
+
+def test_python_m_train_prints_its_lines(tmp_path) -> None:
+    """``python -m nanodit.train`` (the module run as __main__) prints the same lines as ``nanodit train``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nanodit.train", *_tiny_run(tmp_path, "m")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model: tiny" in done.stdout and "done: 2 steps" in done.stdout, done.stdout
