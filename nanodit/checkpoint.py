@@ -148,7 +148,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", tensors: bool = True) 
     folder only its metadata (model, ema and optim None; its shard files are checked to be complete)."""
     path = Path(path)
     if path.is_dir():
-        from nanodit.dist_checkpoint import load_dcp
+        from nanodit.dist_checkpoint import load_dcp  # late: dist_checkpoint builds on this module
 
         state = load_dcp(path, tensors)
     else:

@@ -30,7 +30,7 @@ def _usage() -> str:
 def _config(argv: list[str]) -> int:
     import argparse
 
-    from nanodit.config import ConfigError, describe, load_config
+    from nanodit.config import ConfigError, describe, load_config  # late, as the commands: --help stays fast
 
     ap = argparse.ArgumentParser(prog="nanodit config", description=COMMANDS["config"])
     ap.add_argument("--config", help="a YAML file or a bundled name (nano, nano-plan, smoke, production)")

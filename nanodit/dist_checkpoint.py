@@ -45,6 +45,7 @@ from nanodit.checkpoint import (
     _failed,
     first_line,
     list_checkpoints,
+    load_checkpoint,
     remove_checkpoint,
     rng_state,
     set_rng_state,
@@ -321,8 +322,6 @@ def restore(run, state: dict, path: Path, load_into) -> None:
         _load_sharded(run, state, Path(path))
     else:
         if state["model"] is None:  # several ranks: the pick read only the folder's metadata
-            from nanodit.checkpoint import load_checkpoint
-
             state = {**state, **{k: v for k, v in load_checkpoint(path).items() if k in TENSORS}}
         load_into(state, run.model, run.ema, run.optim, path)
     run.loader.load_state_dict(state["loader"])

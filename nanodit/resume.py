@@ -27,6 +27,8 @@ import logging
 from pathlib import Path
 
 from nanodit.checkpoint import CheckpointError, first_line, list_checkpoints, load_checkpoint
+from nanodit.config import to_dict
+from nanodit.model import SIZES
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,6 @@ def pick_checkpoint(
 
 def architecture(model: dict, manifest: dict | None) -> dict:
     """The numbers that fix the model's parameter shapes (a named size resolved, overrides applied)."""
-    from nanodit.model import SIZES
-
     arch = dict(SIZES.get(model.get("size"), {}))
     arch.update({k: model[k] for k in ("depth", "width", "heads") if model.get(k) is not None})
     arch.update({k: model.get(k) for k in ("patch", "mlp_ratio", "in_channels", "null_text_tokens")})
@@ -133,8 +133,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def check_compatible(state: dict, cfg, manifest: dict | None = None) -> list[str]:
     """Raise ResumeError if this run cannot continue ``state``; else the warnings to print (one line each).
     Without ``manifest`` (before the data is read) only what the config fixes is compared."""
-    from nanodit.config import to_dict
-
     old_cfg, new_cfg = state["config"], to_dict(cfg)
     old_m = state.get("manifest") if manifest is not None else None
     warnings = []

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from nanodit.data.schema import skip_counts
+
 
 class RunDirError(RuntimeError):
     """The run folder cannot be used; the message is one line."""
@@ -251,8 +253,6 @@ class Stages:
 
 def data_line(loader) -> str:
     """What the loader holds: the samples that passed the check (not the manifest's count), what was skipped."""
-    from nanodit.data.schema import skip_counts
-
     n = sum(loader.counts.values())
     buckets = ", ".join(f"{h}x{w}" for h, w in sorted(loader.counts))
     line = (
