@@ -67,11 +67,6 @@ from nanodit.validation.report import decision_lines
 log = logging.getLogger("nanodit.train")  # by name: under python -m nanodit.train, __name__ is __main__
 
 
-# under torchrun a signal reaches each worker twice (from the terminal or scheduler, then forwarded by torchrun,
-# late when the machine is loaded): a repeat within this many seconds is the same request (nanodit/signals.py)
-TORCHRUN_GRACE_S = 10.0
-
-
 class TrainError(RuntimeError):
     """A problem a user can fix; printed as one line."""
 
@@ -91,7 +86,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     stages = Stages()
     with (
         distributed.session(cfg, agreed=(Interrupted, TrainError)) as dist,
-        GracefulStop(grace_s=TORCHRUN_GRACE_S if dist.world > 1 else 0.0) as stop,
+        GracefulStop(grace_s=2.0 if dist.world > 1 else 0.0) as stop,
         quieted(
             quiet or not dist.is_main, logging.WARNING if dist.is_main else logging.ERROR
         ),  # rank 0 speaks
