@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -553,6 +554,18 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
     return {"path": str(path), "decision": result["decision"], "scores": result}
 
 
+def say_err(line: str) -> None:
+    """One line on stderr in one write: ranks sharing a terminal or a pipe never splice their lines (print
+    writes the text and the newline apart, and another rank's text landed between them)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests): one write call is enough
+        sys.stderr.write(f"{line}\n")
+        return
+    sys.stderr.flush()
+    os.write(fd, f"{line}\n".encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="nanodit train",
@@ -584,10 +597,10 @@ def _main(args: argparse.Namespace) -> int:
         cfg = load_config(name, args.overrides)
         train(cfg, quiet=args.quiet > 0)
     except Interrupted as e:
-        print(f"{distributed.log_prefix()}{e}", file=sys.stderr)
+        say_err(f"{distributed.log_prefix()}{e}")
         return e.exit_code
     except (ConfigError, TrainError, ShardError, CheckpointError, DeviceError, RunDirError) as e:
-        print(f"{distributed.log_prefix()}error: {e}", file=sys.stderr)
+        say_err(f"{distributed.log_prefix()}error: {e}")
         return 2
     return 0
 
