@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,12 @@ def reader_at(fd: int, off: int):
     return lambda o, n: pread(fd, off + o, n)
 
 
+# numpy parses a .npy header with ast.literal_eval; CPython 3.11's AST constructor is not safe to run in several
+# threads at once (a rare "AST constructor recursion depth mismatch" SystemError, seen in the index's shard
+# threads): the parse (microseconds) runs under one lock, the reads stay parallel
+_PARSE = threading.Lock()
+
+
 def npy_header(read, size: int, at: str) -> tuple[np.dtype, tuple[int, ...], int]:
     """(dtype, shape, data offset within the member) of a .npy member of ``size`` bytes, read through
     ``read(offset, n)``; refuses pickles (object dtypes), Fortran order and a size that does not add up."""
@@ -131,7 +138,8 @@ def npy_header(read, size: int, at: str) -> tuple[np.dtype, tuple[int, ...], int
             f = io.BytesIO(head)
             npy_format.read_magic(f)
         parse = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-        shape, fortran, dtype = parse(f)
+        with _PARSE:
+            shape, fortran, dtype = parse(f)
         hdr = f.tell()
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
