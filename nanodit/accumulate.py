@@ -59,9 +59,12 @@ def micro_batches(batch: Batch, parts: int) -> list[tuple[Batch, float]]:
     return out
 
 
-def forward_loss(run, batch: Batch, generator: torch.Generator, loss_fn: Callable = training_loss):
+def forward_loss(
+    run, batch: Batch, generator: torch.Generator, loss_fn: Callable = training_loss, noise=None
+):
     """(loss, stats) of ``batch`` through the step's module: ``loss_fn`` (flow.training_loss) with the run's
-    train.* settings and ``generator``'s t and noise. The trainer's step without accumulation is this alone."""
+    train.* settings and ``generator``'s t and noise (or ``noise``: (t, eps) drawn beforehand by flow.draw_noise).
+    The trainer's step without accumulation is this alone."""
     t = run.cfg.train
     return loss_fn(
         run.fwd,
@@ -73,6 +76,7 @@ def forward_loss(run, batch: Batch, generator: torch.Generator, loss_fn: Callabl
         t.loss_bins,
         run.autocast,
         t.t_shift,
+        noise=noise,
     )
 
 

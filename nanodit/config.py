@@ -121,6 +121,13 @@ class TrainConfig:
     # compiled code for all of them: ~1/depth of the cold-start compile time, which at the nano size on the
     # H200 machine's CPU was 80-100 s per shape for the whole model, see bench/results/h200-2026-11-27-s2)
     compile_scope: str = "model"
+    # torch.compile's dynamic: null (torch's default: a dim that changes between calls recompiles once, as
+    # dynamic) | true (every dim dynamic from the first compile) | false (one compile per shape)
+    compile_dynamic: bool | None = None
+    # the whole step (forward, loss, backward, clipping, AdamW, EMA) as one CUDA graph per batch shape, replayed
+    # (nanodit/step_graph.py): one launch instead of hundreds. CUDA, one process, grad_accum 1; not with
+    # compile_mode=reduce-overhead (that is Inductor's own CUDA graphs, around the compiled parts only)
+    step_graph: bool = False
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto or cuda, each process takes cuda:LOCAL_RANK)
     # how the processes torchrun starts share the work (nanodit/distributed.py): none (one process) | ddp
@@ -155,6 +162,9 @@ class ValConfig:
     guidance_dino: float = 1.0  # s_d
     guidance_text: float = 1.0  # s_t
     sample_shift: float = 1.0  # timestep shift of the Euler schedule (flow.shift_t); 1 = uniform steps
+    cuda_graph: bool = (
+        True  # on CUDA, the sampler's velocity replayed as a CUDA graph (same numbers, no launch cost)
+    )
     seed: int = 1234
     vae: str | None = None  # local path of a diffusers AutoencoderKL (Flux VAE) for real latents
     vae_dtype: str = "fp32"  # fp32 | bf16
@@ -286,6 +296,11 @@ def check(cfg: Config) -> Config:
         raise ConfigError(
             f"config: train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size} "
             "(the batch of one step is cut into grad_accum equal micro-batches)"
+        )
+    if t.step_graph and t.compile and t.compile_mode == "reduce-overhead":
+        raise ConfigError(
+            "config: train.step_graph=true captures the whole step in a CUDA graph; with "
+            "train.compile_mode=reduce-overhead Inductor would record its own inside it: use compile_mode=default"
         )
     if t.min_lr > t.lr:
         raise ConfigError(f"config: train.min_lr={t.min_lr} must be <= train.lr={t.lr}")

@@ -44,6 +44,16 @@ def target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+def draw_noise(
+    batch: Batch, generator: torch.Generator, t_mean: float = 0.0, t_std: float = 1.0, t_shift: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step's (t (B,), eps (B, C, H, W)), both fp32, drawn from ``generator`` in this order."""
+    x = batch.latent
+    t = sample_t(x.shape[0], t_mean, t_std, generator, x.device, t_shift)  # (B,)
+    eps = torch.randn(x.shape, generator=generator, device=x.device)  # (B, C, H, W)
+    return t, eps
+
+
 def training_loss(
     model: Callable,
     batch: Batch,
@@ -54,15 +64,16 @@ def training_loss(
     nbins: int = 10,
     autocast=None,
     t_shift: float = 1.0,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """One flow-matching loss on a batch. Returns (loss, stats) where stats hold per-t-bin sums and counts.
 
     ``flow_loss`` is the op of ``model.kernels`` (reference or fused): per-sample MSE of v to eps - x0.
+    ``noise``: (t, eps) drawn beforehand by ``draw_noise`` (the CUDA-graph step draws them outside its graph);
+    None draws them here, from ``generator``, the same way.
     """
     x0 = batch.latent.float()  # (B, C, H, W)
-    B = x0.shape[0]
-    t = sample_t(B, t_mean, t_std, generator, x0.device, t_shift)  # (B,)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device)  # (B, C, H, W)
+    t, eps = noise if noise is not None else draw_noise(batch, generator, t_mean, t_std, t_shift)
     x_t = interpolate(x0, eps, t)  # (B, C, H, W)
     with autocast if autocast is not None else torch.autocast(x0.device.type, enabled=False):
         v = model(x_t, t, batch.dino, batch.t5, batch.t5_mask, batch.drop_dino, batch.drop_text)
@@ -120,15 +131,49 @@ def sample_euler(
     s_text: float = 1.0,
     autocast=None,
     shift: float = 1.0,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Integrate from t = 1 (noise) to t = 0 with ``steps`` Euler steps. Returns x0 estimates (fp32).
     ``shift`` > 1 spaces the steps by the timestep shift (``shift_t``): more of them near t = 1, where
-    the layout is decided (SD3 / Flux sample with the shift they train with)."""
+    the layout is decided (SD3 / Flux sample with the shift they train with). ``cuda_graph`` (CUDA inputs): the
+    velocity is captured once as a CUDA graph and replayed at every step, the same kernels without the launch
+    cost (an eager model at validation batch sizes is bound by it); where capture fails, eager."""
     x = noise.float()  # (B, C, H, W)
     ts = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=x.device), shift)  # (steps + 1,)
+
+    def velocity(x_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+        with autocast if autocast is not None else torch.autocast(x_.device.type, enabled=False):
+            return guided_velocity(model, x_, t_, dino, t5, t5_mask, s_dino, s_text).float()
+
+    if cuda_graph and x.is_cuda and steps > 1:
+        velocity = graphed(velocity, x, ts[0].expand(x.shape[0]).clone())
     for i in range(steps):
         t = ts[i].expand(x.shape[0])  # (B,)
-        with autocast if autocast is not None else torch.autocast(x.device.type, enabled=False):
-            v = guided_velocity(model, x, t, dino, t5, t5_mask, s_dino, s_text)
-        x = x + (ts[i + 1] - ts[i]) * v.float()
+        x = x + (ts[i + 1] - ts[i]) * velocity(x, t)
     return x
+
+
+def graphed(fn: Callable, *example: torch.Tensor) -> Callable:
+    """``fn(*tensors) -> tensor`` (device work only) as a CUDA graph replayed on static copies of its inputs; the
+    result is a fresh tensor each call. Warmed up once on a side stream (torch's recipe). ``fn`` itself where
+    capture fails (an op that cannot be captured)."""
+    static = [e.clone() for e in example]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = fn(*static)
+    except Exception:
+        return fn
+
+    def replay(*args: torch.Tensor) -> torch.Tensor:
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return out.clone()
+
+    return replay

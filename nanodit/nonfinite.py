@@ -51,12 +51,20 @@ class StepGuard:
         return torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
 
     def step(self, ok: torch.Tensor, step: int, ids: list[str]) -> None:
-        """``optim.step()`` where ``ok``, nothing where not."""
+        """``optim.step()`` where ``ok``, nothing where not; the flag remembered for ``read``."""
+        self.apply(ok)
+        self.record(ok, step, ids)
+
+    def apply(self, ok: torch.Tensor) -> None:
+        """The masked optimizer step alone (device work only when fused: the CUDA-graph step captures it)."""
         if self.fused:
             self.optim.found_inf = (~ok).float()  # read by the fused kernel on the device
             self.optim.step()
         elif bool(ok):  # the CPU's for-loop AdamW: reading a CPU tensor waits for no device
             self.optim.step()
+
+    def record(self, ok: torch.Tensor, step: int, ids: list[str]) -> None:
+        """Remember step ``step``'s flag (a fresh tensor: a graph's ``ok`` is rewritten by its next replay)."""
         self._flags.append(~ok)
         self._steps.append(step)
         self._ids.append(list(ids))

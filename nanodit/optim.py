@@ -55,13 +55,22 @@ class EMA:
         self.params = {k: p.detach().float().clone() for k, p in model.named_parameters()}
         self.buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
 
-    @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
+        """ema <- lerp(ema, live, 1 - decay)."""
+        self._lerp(model, 1.0 - decay)
+
+    def update_with(self, model: nn.Module, weight: torch.Tensor) -> None:
+        """``update`` with the lerp weight ``1 - decay`` as a 0-d device tensor, which a CUDA graph reads when it
+        replays (the graph step fills it each step). The same numbers as ``update`` (one weight per tensor)."""
+        self._lerp(model, weight)
+
+    @torch.no_grad()
+    def _lerp(self, model: nn.Module, weight: float | torch.Tensor) -> None:
         names = list(self.params)
         live = dict(model.named_parameters())
         ema = [self.params[k] for k in names]
         cur = [live[k].detach().float() for k in names]
-        torch._foreach_lerp_(ema, cur, 1.0 - decay)
+        torch._foreach_lerp_(ema, cur, [weight] * len(ema) if torch.is_tensor(weight) else weight)
         for k, b in model.named_buffers():
             self.buffers[k].copy_(b)
 

@@ -37,12 +37,13 @@ from nanodit.checkpoint import (
 )
 from nanodit.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
 from nanodit.data import build_loader
+from nanodit.data.batch import Batch
 from nanodit.data.prepare import prepare
 from nanodit.data.schema import skip_counts
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
 from nanodit.dist_checkpoint import layout_warnings, process_rng, restore, save_dcp, without_tensors
-from nanodit.flow import training_loss
+from nanodit.flow import draw_noise, training_loss
 from nanodit.logs import add_verbosity, command_logging, ensure_configured, progress_safe, quieted, verbosity
 from nanodit.model import build_model
 from nanodit.nonfinite import StepGuard, grad_norm, stop_message
@@ -61,6 +62,7 @@ from nanodit.runlog import (
     write_atomic,
 )
 from nanodit.signals import GracefulStop, Interrupted, signal_name
+from nanodit.step_graph import StepGraphs
 from nanodit.tracing import StepProfiler
 from nanodit.validation import Validator, read_val_samples, write_final
 from nanodit.validation.report import decision_lines
@@ -137,13 +139,14 @@ class Run:
     rows_logged: int = 0
     saved: dict = field(default_factory=dict)  # step -> checkpoint path written by this process
     shape: tuple = ()  # the last step's batch shapes (Stages: warm-up while a shape is new)
+    graphs: StepGraphs | None = None  # train.step_graph: the whole step as a CUDA graph per batch shape
 
     def state(self, at: int) -> dict:
         """The complete resume state at step ``at``."""
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
-            "optim": self.optim.state_dict(),
+            "optim": self._optim_state(),
             "step": at,
             "rng": process_rng(self),
             "loader": self.loader.state_dict(),
@@ -155,6 +158,15 @@ class Run:
                 "nonfinite_steps": self.nonfinite_total,
             },
         }
+
+    def _optim_state(self) -> dict:
+        """The optimizer's state; under train.step_graph with the lr a float and ``capturable`` off again, so that
+        the checkpoint reads as any other run's (and resumes on a CPU)."""
+        state = self.optim.state_dict()
+        if self.graphs is not None:
+            for group in state["param_groups"]:  # copies of the live groups
+                group["lr"], group["capturable"] = float(group["lr"]), False
+        return state
 
     def checkpoint(self, at: int) -> Path:
         if at not in self.saved:  # a stop right after a periodic save reuses it
@@ -233,6 +245,7 @@ def setup(
     )
     if state is not None:
         _resume(run, state, resume_from)
+    run.graphs = _step_graphs(run)
     return run
 
 
@@ -303,14 +316,84 @@ def _compile(
     # dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+    dynamic = (
+        cfg.train.compile_dynamic
+    )  # None: torch's automatic dynamic shapes (a dim that changes recompiles once)
     if cfg.train.compile_scope == "model":
-        return torch.compile(fwd, mode=mode), cudagraphs
+        return torch.compile(fwd, mode=mode, dynamic=dynamic), cudagraphs
     # regional compilation: every block runs the same compiled code (dynamo lifts the parameters to inputs), so
     # the cold start compiles one block per shape instead of the whole network; the rest of the forward
     # (embedders, final layer) stays eager. In place: state_dict keys are unchanged.
     for block in model.blocks:
-        block.compile(mode=mode)
+        block.compile(mode=mode, dynamic=dynamic)
     return fwd, cudagraphs
+
+
+def _step_graphs(run: Run) -> StepGraphs | None:
+    """train.step_graph on CUDA, one process, no accumulation: the step's device work as a CUDA graph per batch
+    shape (nanodit/step_graph.py). The optimizer's lr becomes a device tensor the graphs read, after a resume
+    (loading a checkpoint sets the groups' lr). None where it does not apply (said once)."""
+    t = run.cfg.train
+    if not t.step_graph:
+        return None
+    off = [
+        why
+        for why, applies in (
+            ("not on CUDA", run.device.type != "cuda"),
+            ("several processes", run.dist.world > 1),
+            ("train.grad_accum > 1", t.grad_accum > 1),
+            ("the optimizer is not fused", not run.guard.fused),
+        )
+        if applies
+    ]
+    if off:
+        log.info(f"train.step_graph: off ({off[0]}); the step runs eagerly")
+        return None
+    graphs = StepGraphs(lambda inputs: _graph_body(run, inputs), run.device)
+    for group in run.optim.param_groups:
+        group["lr"], group["capturable"] = graphs.lr, True
+    run.optim.defaults["capturable"] = True
+    log.info("train.step_graph: on (the whole step, one CUDA graph per batch shape)")
+    return graphs
+
+
+def _graph_body(run: Run, inputs: dict) -> dict:
+    """The step's device work, as ``StepGraphs`` runs or captures it: forward and loss on the drawn noise, backward,
+    clipping, the guarded AdamW, the EMA. Nothing here reads the device from the host."""
+    t = run.cfg.train
+    batch = Batch(**{k: inputs[k] for k in GRAPH_BATCH}, ids=[], captions=[], epoch=0)
+    loss, stats = forward_loss(run, batch, run.generator, training_loss, noise=(inputs["t"], inputs["eps"]))
+    run.optim.zero_grad(set_to_none=True)
+    loss.backward()
+    params = list(run.model.parameters())
+    gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else grad_norm(params)
+    ok = run.guard.check(loss, gnorm)
+    run.guard.apply(ok)  # masked on the device where not ok
+    run.ema.update_with(run.model, run.graphs.ema_weight)
+    # detached: nothing may keep this step's autograd graph alive into the next capture
+    return {
+        "loss": loss.detach(),
+        "bin_sum": stats["bin_sum"],
+        "bin_count": stats["bin_count"],
+        "ok": ok,
+        "gnorm": gnorm,
+    }
+
+
+GRAPH_BATCH = ("latent", "dino", "t5", "t5_mask", "drop_text", "drop_dino", "flipped")  # a Batch's tensors
+
+
+def _graph_step(
+    run: Run, batch: Batch, lr: float, decay: float
+) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """One step through ``run.graphs``: (loss, t-bin stats, finite flag, gradient norm)."""
+    t = run.cfg.train
+    noise = draw_noise(
+        batch, run.generator, t.t_mean, t.t_std, t.t_shift
+    )  # outside the graph, as the eager step
+    inputs = {k: getattr(batch, k) for k in GRAPH_BATCH}
+    out = run.graphs({**inputs, "t": noise[0], "eps": noise[1]}, lr, 1.0 - decay)
+    return out["loss"], {"bin_sum": out["bin_sum"], "bin_count": out["bin_count"]}, out["ok"], out["gnorm"]
 
 
 def _resume(run: Run, state: dict, path: Path) -> None:
@@ -398,6 +481,12 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
         batch = next(run.loader)
     run.window.wait += time.perf_counter() - t_wait  # host time in the loader (async copies excluded)
     lr = lr_at(run.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+    decay = ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps)
+    if run.graphs is not None:  # the whole step as one CUDA graph of its batch shape
+        with prof.region("graph step"):
+            loss, stats, ok, gnorm = _graph_step(run, batch, lr, decay)
+        run.guard.record(ok, run.step + 1, batch.ids)
+        return _end_step(run, batch, loss, stats, ok, lr, gnorm if t.grad_clip > 0 else None)
     for g in run.optim.param_groups:
         g["lr"] = lr
     if run.cudagraphs:
@@ -421,7 +510,13 @@ def train_step(run: Run) -> tuple[float, torch.Tensor | None]:
         ok = run.dist.agree_ok(ok)  # several ranks: skipped everywhere if not finite anywhere (on the device)
         run.guard.step(ok, run.step + 1, batch.ids)  # masked on the device where not ok: no host sync
     with prof.region("ema"):
-        run.ema.update(run.model, ema_decay_at(run.step, t.ema_decay, t.ema_warmup_steps))
+        run.ema.update(run.model, decay)
+    return _end_step(run, batch, loss, stats, ok, lr, gnorm)
+
+
+def _end_step(
+    run: Run, batch: Batch, loss, stats: dict, ok, lr: float, gnorm
+) -> tuple[float, torch.Tensor | None]:
     run.step += 1
     run.shape = (tuple(batch.latent.shape), tuple(batch.t5.shape))  # the compile cache's key, near enough
     run.window.add(loss, stats, ok, batch.latent.shape[0])

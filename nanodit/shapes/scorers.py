@@ -80,7 +80,12 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
         if np.array_equal(new, lab):
             break
         lab = new
-    return [np.argwhere(lab == v) for v in np.unique(lab[lab > 0])]
+    # every component's pixels in row-major order, components by label: one stable sort, not one scan each
+    pix = np.argwhere(lab > 0)  # (N, 2), row-major
+    labels = lab[pix[:, 0], pix[:, 1]]  # (N,)
+    order = np.argsort(labels, kind="stable")
+    _, starts = np.unique(labels[order], return_index=True)
+    return np.split(pix[order], starts[1:]) if len(pix) else []
 
 
 def _read_object(pix: np.ndarray, rgb: np.ndarray, height: int, width: int, col0: int) -> ObjectReading:

@@ -72,6 +72,7 @@ def generate(model: torch.nn.Module, cases: list[Case], vcfg: ValConfig, autocas
             vcfg.guidance_text,
             autocast,
             vcfg.sample_shift,
+            cuda_graph=vcfg.cuda_graph,
         )  # (B, C, h, w)
         for j, i in enumerate(idx):
             out[i] = x[j].float().cpu()

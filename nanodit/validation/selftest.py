@@ -61,11 +61,12 @@ def planted(
     elif fault == "const_dino":
         if dino_mean is None:
             raise ValueError("planted(const_dino) needs dino_mean")
-        const = torch.as_tensor(dino_mean, dtype=torch.float32)  # (Dd,)
+        device = next(model.parameters()).device  # on the device once: the hook copies nothing from the host
+        const = torch.as_tensor(dino_mean, dtype=torch.float32, device=device)  # (Dd,)
 
         def replace_dino(m, args):
             (d,) = args  # (B, Dd)
-            return (const.to(d)[None].expand_as(d),)
+            return (const.to(d.dtype)[None].expand_as(d),)
 
         handles.append(model.dino_embed.register_forward_pre_hook(replace_dino))
     else:
