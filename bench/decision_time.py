@@ -84,10 +84,26 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         cold = run_job(args.config, args.overrides, root / "cold", root)
+        write(
+            args.out, result_of(args, cold, None, None)
+        )  # the cold run's numbers stand if the warm run is cut
         warm = run_job(args.config, args.overrides, root / "warm", root)
         bench = bench_ms(args.bench, root) if args.bench else None
-    s = warm["summary"]
-    result = {
+    result = result_of(args, cold, warm, bench)
+    write(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def write(out: str, result: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def result_of(args: argparse.Namespace, cold: dict, warm: dict | None, bench: float | None) -> dict:
+    """decision_time.json; ``warm`` None: written after the cold run (warm fields null)."""
+    s = (warm or cold)["summary"]
+    return {
         "card": s["device"],
         "commit": s["code"]["commit"] or code_version()["commit"],
         "torch": s["code"]["torch"],
@@ -95,19 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "steps": s["steps"],
         "cold_wall_s": cold["wall_s"],
-        "warm_wall_s": warm["wall_s"],
-        "stages": {"cold": cold["stages"], "warm": warm["stages"]},
-        "trainer_ms_per_step": at_speed_ms(warm["rows"], s["steps"]),
+        "warm_wall_s": warm["wall_s"] if warm else None,
+        "stages": {"cold": cold["stages"], "warm": warm["stages"] if warm else None},
+        "trainer_ms_per_step": at_speed_ms((warm or cold)["rows"], s["steps"]),
         "bench_ms_per_step": bench,
         "bench_variant": args.bench,
         "decision": (s.get("report") or {}).get("decision"),
         "decision_cold": (cold["summary"].get("report") or {}).get("decision"),
         "peak_memory_gb": s.get("peak_memory_gb"),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -44,13 +44,15 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    """Restore ``rng_state``'s states. Each is a CPU ByteTensor for torch, also a CUDA generator's; a checkpoint
+    loaded with map_location=cuda (a GPU resume) moved them to the GPU, hence the ``.cpu()``."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
 
 
 def first_line(err: BaseException) -> str:

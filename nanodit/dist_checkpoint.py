@@ -93,11 +93,11 @@ def restore_rng(run, saved, step: int) -> None:
     elif mine is not None:
         set_rng_state({k: v for k, v in mine.items() if k not in ("generator", "cuda")})
         if run.device.type == "cuda" and mine.get("cuda"):
-            torch.cuda.set_rng_state(mine["cuda"][0], run.device)
+            torch.cuda.set_rng_state(mine["cuda"][0].cpu(), run.device)
     for j, g in enumerate([run.generator, *run.micro_generators]):
         slot = d.rank * A + j
         if slot < len(slots):
-            g.set_state(slots[slot])
+            g.set_state(slots[slot].cpu())  # a GPU resume loaded it onto the GPU
         else:
             g.manual_seed(slot_seed(run.cfg.train.seed, slot, step))
 

@@ -150,36 +150,32 @@ def test_history_and_final_report(tmp_path) -> None:
 
 
 def test_log_metrics_scalars_images_and_text(tmp_path) -> None:
-    class TB:
-        def __init__(self):
-            self.images, self.texts = {}, {}
-
-        def add_image(self, tag, img, step, dataformats):
-            self.images[tag] = (img.shape, step, dataformats)
-
-        def add_text(self, tag, text, step):
-            self.texts[tag] = text
-
-        def flush(self):
-            pass
+    """Scores as scalar rows; in TensorBoard the report's grid PNGs byte for byte, and the decision as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
 
     class Metrics:
         def __init__(self):
-            self.rows, self.tb = [], TB()
+            self.rows, self.tb = [], SummaryWriter(str(tmp_path / "tb"))
 
         def log(self, step, row):
             self.rows.append((step, row))
 
     res = fake_result(100, 0.1)
-    out = report.write_report(tmp_path, res, images())
+    out = report.write_report(tmp_path / "report", res, images())
     m = Metrics()
     report.log_metrics(m, 100, res, out)
+    m.tb.close()
     step, row = m.rows[0]
     assert step == 100 and row["val/lpips"] == 0.1 and row["val/dino_swap"] == 0.4 and row["val/go"] == 0.0
-    assert set(m.tb.images) == {"val/recon", "val/dino_swap", "val/text_manip"}
-    shape, _, fmt = m.tb.images["val/recon"]
-    assert fmt == "HWC" and shape == np.asarray(Image.open(out / "recon.png").convert("RGB")).shape
-    assert "NO-GO" in m.tb.texts["val/decision"]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert set(acc.Tags()["images"]) == {"val/recon", "val/dino_swap", "val/text_manip"}
+    (shown,) = acc.Images("val/recon")
+    assert shown.step == 100 and shown.encoded_image_string == (out / "recon.png").read_bytes()
+    assert (shown.width, shown.height) == Image.open(out / "recon.png").size
+    (text,) = acc.Tensors("val/decision/text_summary")
+    assert "NO-GO" in text.tensor_proto.string_val[0].decode()
 
 
 def test_report_explains_itself(tmp_path) -> None:

@@ -543,6 +543,14 @@ def test_hook_writes_step_folders_final_report_and_tensorboard(smoke_run) -> Non
     assert {r["step"] for r in rows if "val/go" in r} == {10, 20}
     events = list((run_dir / "tensorboard").glob("events.*"))
     assert events and sum(e.stat().st_size for e in events) > 10_000  # images went in
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    shown = {im.step: im for im in acc.Images("val/recon")}  # the grid PNGs as written, one per validation
+    assert set(shown) == {10, 20}
+    png = (run_dir / "validation" / "step-00000020" / "recon.png").read_bytes()
+    assert shown[20].encoded_image_string == png and shown[20].width > 0 and shown[20].height > 0
 
 
 def test_trainer_validates_ema_weights_and_leaves_the_model_alone(shapes, tmp_path) -> None:
