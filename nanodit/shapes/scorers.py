@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from nanodit.shapes.render import MIN_IMAGE_SIDE, length_unit, pixel_grid, shape_mask
 from nanodit.shapes.world import LIGHT_GAIN, PALETTE, RADIUS, Scene, flip_scene
@@ -69,23 +70,16 @@ def _as_chw(img: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a bool (H, W) mask, each as an (N, 2) array of (row, col); found by
-    propagating the largest pixel id over neighbours until nothing changes (objects are small)."""
-    h, w = mask.shape
-    lab = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)  # (H, W)
-    while True:
-        p = np.pad(lab, 1)  # (H+2, W+2)
-        nb = np.max([p[i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0)  # (H, W)
-        new = np.where(mask, nb, 0)
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    # every component's pixels in row-major order, components by label: one stable sort, not one scan each
+    """8-connected components of a bool (H, W) mask, each as an (N, 2) array of (row, col) in row-major order,
+    ordered by their last pixel in row-major order (scipy.ndimage.label finds them)."""
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))  # (H, W), labels 1..n
+    if n == 0:
+        return []
     pix = np.argwhere(lab > 0)  # (N, 2), row-major
     labels = lab[pix[:, 0], pix[:, 1]]  # (N,)
-    order = np.argsort(labels, kind="stable")
-    _, starts = np.unique(labels[order], return_index=True)
-    return np.split(pix[order], starts[1:]) if len(pix) else []
+    order = np.argsort(labels, kind="stable")  # grouped by label, row-major inside each
+    groups = np.split(pix[order], np.cumsum(np.bincount(labels, minlength=n + 1)[1:])[:-1])
+    return sorted(groups, key=lambda g: int(g[-1, 0]) * mask.shape[1] + int(g[-1, 1]))
 
 
 def _read_object(pix: np.ndarray, rgb: np.ndarray, height: int, width: int, col0: int) -> ObjectReading:
