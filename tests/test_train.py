@@ -163,3 +163,22 @@ def test_compiled_training_matches_eager(tmp_path, scope):
     assert not any("_orig_mod" in k for k in state["model"])
     if scope == "blocks":  # one graph per distinct batch shape, shared by the 4 blocks (not one per block)
         assert 1 <= frames < 4, frames
+
+
+def test_compile_dynamic_compiles_the_block_once_for_every_shape(tmp_path):
+    """train.compile_dynamic=true with regional compilation: one frame for every batch shape of the run (the smoke
+    set's buckets, full and partial batches, several caption lengths), where torch's default compiles again when a
+    dim first changes; the losses are eager's to fp32 rounding (the rule of the test above)."""
+    import torch._dynamo.utils as dutils
+
+    common = ("train.steps=8", "train.log_every=1", "model.size=small", "val.every=0")
+    train(smoke_cfg(tmp_path / "e", *common), quiet=True)
+    torch._dynamo.reset()
+    dutils.counters.clear()
+    dyn = ("train.compile=true", "train.compile_scope=blocks", "train.compile_dynamic=true")
+    summary = train(smoke_cfg(tmp_path / "d", *common, *dyn), quiet=True)
+    frames = dutils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert summary["stages_s"]["shapes"] >= 3 and frames == 1, (summary["stages_s"]["shapes"], frames)
+    want, got = losses(tmp_path / "e" / "run"), losses(tmp_path / "d" / "run")
+    assert max(abs(a - b) / a for a, b in zip(got, want)) < 1e-4, (got, want)
