@@ -162,9 +162,8 @@ class ValConfig:
     guidance_dino: float = 1.0  # s_d
     guidance_text: float = 1.0  # s_t
     sample_shift: float = 1.0  # timestep shift of the Euler schedule (flow.shift_t); 1 = uniform steps
-    cuda_graph: bool = (
-        True  # on CUDA, the sampler's velocity replayed as a CUDA graph (same numbers, no launch cost)
-    )
+    # on CUDA, the sampler's velocity replayed as a CUDA graph (the same numbers, without the launch cost)
+    cuda_graph: bool = True
     seed: int = 1234
     vae: str | None = None  # local path of a diffusers AutoencoderKL (Flux VAE) for real latents
     vae_dtype: str = "fp32"  # fp32 | bf16
@@ -349,14 +348,23 @@ def _printable(text: str) -> str:
 def _field_comments(cls) -> dict[str, str]:
     """The comment on (or above) each field of a config dataclass in its source: the field's description."""
     comments, above = {}, []
-    for line in inspect.getsource(cls).splitlines()[1:]:
+    lines = iter(inspect.getsource(cls).splitlines()[1:])
+    for line in lines:
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(stripped.lstrip("# ").strip())
             continue
         m = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.*))?$", stripped)
         if m:
-            comments[m.group(1)] = " ".join([*above, m.group(2) or ""]).strip()
+            tail = m.group(2) or ""
+            if stripped.endswith(
+                "= ("
+            ):  # a default the formatter wrapped, its comment inside the parentheses
+                for inner in lines:
+                    if inner.strip() == ")":
+                        break
+                    tail = inner.partition("#")[2].strip() or tail
+            comments[m.group(1)] = " ".join([*above, tail]).strip()
         above = []
     return comments
 
