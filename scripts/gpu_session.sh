@@ -21,6 +21,10 @@
 #   flex-debug   scripts/debug_flex.py (which stage of FlexAttention faults in the attention benchmark)
 #   nano-start   the full nano run (5k steps, validation every 1000) in the background (setsid)
 #   nano-wait S  wait up to S seconds for it, then copy its report into $OUT
+#   decision-time  bench/decision_time.py: the default job cold, then warm (compile caches), each a fresh process
+#                (~265 s + ~220 s on an H200 at d2a9b5b: a call holds it only with little else; DT_TIMEOUT, default 540;
+#                DT_ARGS extra arguments, e.g. "--bench triton-compile-cg"); decision_time.json is written after the
+#                cold run too, so a cut warm run still leaves the cold numbers
 # Usage: bash scripts/gpu_session.sh setup env tests ...      (results land in $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -169,6 +173,17 @@ phase_flex_debug() {
   done
 }
 
+phase_decision_time() {
+  rm -rf /tmp/dt
+  timeout ${DT_TIMEOUT:-540} python3 bench/decision_time.py --out "$OUT/decision_time.json" --keep /tmp/dt ${DT_ARGS:-} \
+    > "$OUT/decision_time.log" 2>&1
+  echo "decision-time: rc=$?"; cat "$OUT/decision_time.json" 2>/dev/null
+  for d in cold warm; do
+    cp /tmp/dt/$d/summary.json "$OUT/${d}_summary.json" 2>/dev/null
+    cp /tmp/dt/$d/report/report.md "$OUT/${d}_report.md" 2>/dev/null
+  done
+}
+
 phase_nano_start() {
   rm -rf /tmp/runs/nano && mkdir -p /tmp/runs
   setsid nohup python3 -m nanodit.train --config nano run.dir=/tmp/runs/nano data.cache_dir=/tmp/cache \
@@ -207,6 +222,7 @@ while [ $# -gt 0 ]; do
     flex-debug) phase_flex_debug ;;
     nano-start) shift; IFS=' ' read -r -a NANO_ARGS <<< "${1:-}"; phase_nano_start ;;
     nano-wait) shift; phase_nano_wait "$1" ;;
+    decision-time) phase_decision_time ;;
     *) echo "unknown phase $1"; exit 2 ;;
   esac
   shift
