@@ -76,9 +76,8 @@ def forward_loss(
         t.loss_bins,
         run.autocast,
         t.t_shift,
-        **(
-            {} if noise is None else {"noise": noise}
-        ),  # a loss_fn of the plain signature serves the eager step
+        # passed only when drawn: a loss_fn of the plain signature still serves the eager step
+        **({} if noise is None else {"noise": noise}),
     )
 
 

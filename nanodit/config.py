@@ -357,9 +357,8 @@ def _field_comments(cls) -> dict[str, str]:
         m = re.match(r"(\w+)\s*:[^#]*(?:#\s*(.*))?$", stripped)
         if m:
             tail = m.group(2) or ""
-            if stripped.endswith(
-                "= ("
-            ):  # a default the formatter wrapped, its comment inside the parentheses
+            # a default the formatter wrapped: its comment is inside the parentheses
+            if stripped.endswith("= ("):
                 for inner in lines:
                     if inner.strip() == ")":
                         break

@@ -316,9 +316,8 @@ def _compile(
     # dynamic): raise dynamo's default limit of 8 so that no bucket silently falls back to eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
-    dynamic = (
-        cfg.train.compile_dynamic
-    )  # None: torch's automatic dynamic shapes (a dim that changes recompiles once)
+    # None: torch's automatic dynamic shapes (a dim that changes recompiles once)
+    dynamic = cfg.train.compile_dynamic
     if cfg.train.compile_scope == "model":
         return torch.compile(fwd, mode=mode, dynamic=dynamic), cudagraphs
     # regional compilation: every block runs the same compiled code (dynamo lifts the parameters to inputs), so
@@ -388,9 +387,8 @@ def _graph_step(
 ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """One step through ``run.graphs``: (loss, t-bin stats, finite flag, gradient norm)."""
     t = run.cfg.train
-    noise = draw_noise(
-        batch, run.generator, t.t_mean, t.t_std, t.t_shift
-    )  # outside the graph, as the eager step
+    # drawn outside the graph, as the eager step draws them
+    noise = draw_noise(batch, run.generator, t.t_mean, t.t_std, t.t_shift)
     inputs = {k: getattr(batch, k) for k in GRAPH_BATCH}
     out = run.graphs({**inputs, "t": noise[0], "eps": noise[1]}, lr, 1.0 - decay)
     return out["loss"], {"bin_sum": out["bin_sum"], "bin_count": out["bin_count"]}, out["ok"], out["gnorm"]

@@ -557,9 +557,8 @@ def write_report(
     files: dict[str, str] = {}
     for test, name in GRID_FILES.items():
         if images is not None and images.get(test):
-            grid(images[test], GRID_HEADERS[test]).save(
-                out / name, compress_level=1
-            )  # fast zlib: it runs every validation
+            # zlib level 1 (fast, larger files): the grids are written at every validation
+            grid(images[test], GRID_HEADERS[test]).save(out / name, compress_level=1)
         if (out / name).is_file():
             files[test] = name
     note = None
