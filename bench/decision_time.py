@@ -7,8 +7,9 @@ Runs ``python -m nanodit.train`` twice, each in a fresh process, with compile ca
 (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``) and the built-in data set written under it: **cold** starts
 with empty caches and no data set; **warm** runs again with what the cold run left (a researcher's second run).
 Each wall time is measured around the process. The stages come from the run's ``summary.json`` (``stages_s``,
-``nanodit.runlog.Stages``); ``startup`` is the process wall time less the trainer's own total (interpreter,
-imports, config). ``trainer_ms_per_step`` is the median ``ms_per_step`` of the warm run's log rows in the second
+``nanodit.runlog.Stages``); ``startup`` is the process wall time less the trainer's own total, split into
+``launch`` (process start to ``train()``: interpreter, imports, config; read by the trainer from ``/proc``) and
+``exit`` (after the summary: interpreter shutdown, worker pools). ``trainer_ms_per_step`` is the median ``ms_per_step`` of the warm run's log rows in the second
 half of training (compiled, at speed). With ``--bench VARIANT`` the step benchmark (``bench/bench_step.py``) runs
 in the same sitting and its ms/step is written beside it (GPU only). The decision is the final report's.
 """
@@ -52,6 +53,8 @@ def run_job(config: str | None, overrides: list[str], run_dir: Path, cache: Path
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     stages = dict(summary["stages_s"])
     stages["startup"] = round(max(0.0, wall - stages["total"]), 3)
+    if "launch" in stages:  # the trainer's own reading: process start -> train(); the rest of startup is exit
+        stages["exit"] = round(max(0.0, stages["startup"] - stages["launch"]), 3)
     return {"wall_s": round(wall, 3), "stages": stages, "summary": summary, "rows": rows}
 
 
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="the trainer's --config (default: the trainer's default)")
     ap.add_argument("--bench", metavar="VARIANT", help="also run bench_step.py's VARIANT in this sitting")
     ap.add_argument("--keep", metavar="DIR", help="keep the runs and caches in DIR (default: a temp folder)")
+    ap.add_argument("--cold-only", action="store_true", help="the cold run only (warm fields null)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nanodit-decision-") as tmp:
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         write(
             args.out, result_of(args, cold, None, None)
         )  # the cold run's numbers stand if the warm run is cut
+        if args.cold_only:
+            return 0
         warm = run_job(args.config, args.overrides, root / "warm", root)
         bench = bench_ms(args.bench, root) if args.bench else None
     result = result_of(args, cold, warm, bench)

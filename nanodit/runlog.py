@@ -208,6 +208,9 @@ class Stages:
         self.t0 = time.perf_counter()
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
         self.shapes: dict[tuple, int] = {}
+        self.breakdown: dict[
+            str, dict[str, float]
+        ] = {}  # stage -> {part: seconds}, where a stage reports parts
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -216,6 +219,12 @@ class Stages:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - t0
+
+    def parts(self, stage: str, seconds: dict[str, float]) -> None:
+        """Add ``seconds`` by part to ``stage``'s breakdown (summary()'s ``<stage>_parts``)."""
+        into = self.breakdown.setdefault(stage, {})
+        for part, s in seconds.items():
+            into[part] = into.get(part, 0.0) + s
 
     def step(self, shape: tuple, seconds: float) -> None:
         """A training step of ``shape`` took ``seconds`` of host time: warm-up while the shape is new."""
@@ -244,11 +253,26 @@ class Stages:
             **self.seconds,
             "other": max(0.0, total - sum(v for k, v in self.seconds.items() if k != "other")),
         }
+        parts = {f"{k}_parts": {p: round(s, 3) for p, s in v.items()} for k, v in self.breakdown.items()}
         return {
             **{k: round(v, 3) for k, v in out.items()},
             "total": round(total, 3),
             "shapes": len(self.shapes),
+            **({"launch": launch} if (launch := _since_process_start(self.t0)) is not None else {}),
+            **parts,
         }
+
+
+def _since_process_start(t0: float) -> float | None:
+    """Seconds from this process's start (Linux ``/proc``: interpreter, imports, config) to ``t0``
+    (a ``time.perf_counter()`` reading); None where ``/proc`` does not tell."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")  # the process's age now
+    return round(max(0.0, age - (time.perf_counter() - t0)), 3)
 
 
 def data_line(loader) -> str:

@@ -611,6 +611,7 @@ def validate_shared(run: Run, final: bool = False) -> dict | None:
     report = None
     if run.validator is not None:
         report = validate_ema(run.validator, ema, run.dir, run.step, run.metrics, final=final)
+        run.stages.parts("validation", run.validator.timing)
     run.dist.barrier()
     return report
 
@@ -624,9 +625,11 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
     cfg, manifest = validator.cfg, validator.manifest
     step_dir = run_dir / "validation" / f"step-{step:08d}"
     try:
+        t0 = time.perf_counter()
         vmodel = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(validator.device)
         ema.copy_to(vmodel)
         vmodel.eval().requires_grad_(False)
+        t_twin = time.perf_counter() - t0
         saved = [run_dir / "checkpoints" / f"ckpt-{step:08d}{s}" for s in (".pt", ".dcp")]
         ckpt = next((p for p in saved if p.exists()), None)  # the weights judged, when saved at this step
         extra = {"checkpoint": str(ckpt)} if ckpt is not None else None
@@ -634,7 +637,11 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
             vmodel, step, step_dir, run_dir, metrics, self_test=final and cfg.val.self_test, extra=extra
         )
         del vmodel
+        validator.timing["twin"] = t_twin
+        t0 = time.perf_counter()
         path = write_final(run_dir, step_dir, result) if final else step_dir
+        if final:
+            validator.timing["final_report"] = time.perf_counter() - t0
     except Exception as e:  # validation must not kill a long run: the checkpoint can be re-validated later
         msg = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning(

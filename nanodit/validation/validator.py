@@ -12,8 +12,10 @@ Sampling: ``val.samples`` cases per test, fixed noise per sample, ``val.steps`` 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,17 +88,32 @@ class Validator:
         self.autocast = autocast_for(cfg.train.precision, self.device)
         dinos = [s.dino.astype(np.float32) for g in groups.values() for s in g]
         self.dino_mean = np.mean(dinos, axis=0) if dinos else None  # (Dd,) the const_dino fault's constant
+        # host seconds by part of the last ``run`` (sample, score, effects, self_test.sample, ..., report, log)
+        self.timing: dict[str, float] = {}
+        self._prefix = ""
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = self._prefix + part
+            self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - t0
 
     # -- one judgement -------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, run_dir: str | Path, effects: bool = True) -> dict:
         """Generate, score and decide for ``model`` as it is (no files written)."""
         t0 = time.perf_counter()
-        outs = generate(model, self.cases, self.vcfg, self.autocast)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        with self._timed("sample"):
+            outs = generate(model, self.cases, self.vcfg, self.autocast)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         t_sample = time.perf_counter() - t0
-        scored = score_cases(self.cases, outs, self.shapes, self.tools)
-        eff = condition_effect(model, self.cases, self.vcfg.seed, self.autocast) if effects else None
+        with self._timed("score"):
+            scored = score_cases(self.cases, outs, self.shapes, self.tools)
+        with self._timed("effects"):
+            eff = condition_effect(model, self.cases, self.vcfg.seed, self.autocast) if effects else None
         log = Path(run_dir) / "metrics.jsonl"
         loss = loss_ratio([v for _, v in read_loss_log(log)], self.vcfg.loss_window)
         bins = read_loss_bins(log)
@@ -148,6 +165,7 @@ class Validator:
         Returns the scores dict (also ``out_dir/scores.json``). ``metrics`` (the trainer's MetricsLogger) gets
         the scores and grids for TensorBoard; ``extra`` entries (e.g. the checkpoint path) are added."""
         t0 = time.perf_counter()
+        self.timing = {}
         ev = self.evaluate(model, run_dir)
         result = {k: v for k, v in ev.items() if k not in ("images", "sample_seconds")}
         result.update(step=step, data="shapes" if self.shapes else "real", decoder=self.tools.decoder_info)
@@ -174,7 +192,16 @@ class Validator:
         }
         result["loss_curve"] = [[s, v] for s, v in read_loss_log(Path(run_dir) / "metrics.jsonl")]
         if self_test:
-            st = self.self_test(model, ev, run_dir)
+            self._prefix = "self_test."
+            try:
+                with self._timed("other"):  # model builds, planting; sample and score are counted apart
+                    st = self.self_test(model, ev, run_dir)
+            finally:
+                self._prefix = ""
+            inner = sum(
+                v for k, v in self.timing.items() if k.startswith("self_test.") and k != "self_test.other"
+            )
+            self.timing["self_test.other"] -= inner
             result["self_test"] = st
             if st["power"] is False and result["decision"] == "GO":
                 missed = [e["fault"] for e in st["faults"].values() if e["caught"] is not True]
@@ -182,9 +209,11 @@ class Validator:
                 result["no_power"] = missed
         result.update(extra or {})
         result["seconds"] = time.perf_counter() - t0
-        report.write_report(out_dir, result, ev["images"])
+        with self._timed("report"):
+            report.write_report(out_dir, result, ev["images"])
         if metrics is not None:
-            report.log_metrics(metrics, step, result, Path(out_dir))
+            with self._timed("log"):
+                report.log_metrics(metrics, step, result, Path(out_dir))
         return result
 
 
