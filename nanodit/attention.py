@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -223,11 +224,20 @@ def attention_flex(
 # ---------------------------------------------------------------------------------------------
 # flash-attn package
 
+
+def constant_to_compile(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (5 s of a cold GPU process's
+    start, for a run that never compiles): the public decorator imports it only to set this mark on ``fn``
+    (``tests/test_attention.py`` checks that both leave the same mark)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 _FLASH_CANDIDATES = (("flash_attn.cute", "fa4"), ("flash_attn_interface", "fa3"), ("flash_attn", "fa2"))
 _flash_found: dict[int, str | None] = {}
 
 
-@torch.compiler.assume_constant_result  # an import probe: run once, a constant to torch.compile
+@constant_to_compile  # an import probe: run once, a constant to torch.compile
 def flash_variant(cc_major: int = 9) -> str | None:
     """Which flash-attn is installed for a card of this compute capability: fa4 | fa3 | fa2 | None.
 
@@ -249,7 +259,7 @@ def flash_variant(cc_major: int = 9) -> str | None:
     return _flash_found[cc_major]
 
 
-@torch.compiler.assume_constant_result
+@constant_to_compile
 def _cc_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
@@ -262,7 +272,6 @@ def _has_attr(module: str, attr: str) -> bool:
         return False
 
 
-@torch.compiler.disable  # the flash-attn kernels are opaque to dynamo: one explicit break, not an error
 def _flash_call(variant: str, q, k, v, lens):
     if variant == "fa2":
         return _flash2(q, k, v, lens)
@@ -282,6 +291,18 @@ def _flash_call(variant: str, q, k, v, lens):
             seqused_k=lens,
         )
     return out[0] if isinstance(out, tuple) else out  # FA4 returns (out, lse); FA3 out or (out, lse)
+
+
+def _flash_installed() -> bool:
+    try:
+        return any(importlib.util.find_spec(m.split(".")[0]) is not None for m, _ in _FLASH_CANDIDATES)
+    except (ImportError, ValueError):
+        return False
+
+
+if _flash_installed():  # (torch.compiler.disable imports torch._dynamo: only where flash-attn can be called)
+    # the flash-attn kernels are opaque to dynamo: one explicit break, not an error
+    _flash_call = torch.compiler.disable(_flash_call)
 
 
 def _flash2(q, k, v, lens):
@@ -322,7 +343,7 @@ def attention_flash(
 # auto: the measured table
 
 
-@torch.compiler.assume_constant_result  # metadata in, a name out: torch.compile traces no branch here
+@constant_to_compile  # metadata in, a name out: torch.compile traces no branch here
 def auto_plan(device_type: str, device_index: int, dtype_name: str, masked: bool) -> tuple[str, ...]:
     """Providers present on this machine for this case, fastest first per ``AUTO_TABLE``.
 

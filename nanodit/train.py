@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ from nanodit.signals import GracefulStop, Interrupted, signal_name
 from nanodit.step_graph import StepGraphs
 from nanodit.tracing import StepProfiler
 from nanodit.validation import Validator, read_val_samples, write_final
+from nanodit.validation.metrics import import_heavy
 from nanodit.validation.report import decision_lines
 
 log = logging.getLogger("nanodit.train")  # by name: under python -m nanodit.train, __name__ is __main__
@@ -188,6 +190,12 @@ class Run:
         return save_state(self.dir / "nonfinite" / f"ckpt-{at:08d}.pt", state)
 
     def close(self) -> None:
+        if self.validator is not None:
+            self.validator.close()  # the last background report written (before the metrics close)
+            self.stages.parts("validation_background", self.validator.background_timing)
+            self.validator.background_timing = {}
+            if self.validator.imports is not None:
+                self.validator.imports.join()  # never leave the interpreter while a module is half imported
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
@@ -270,6 +278,11 @@ def _build(cfg: Config, manifest: dict, data_root: Path, dist: distributed.Dist)
     if (cfg.val.every or cfg.val.at_end) and dist.is_main:
         _, val_groups = read_val_samples(data_root, cfg.val.samples, cfg.data.on_error)
         validator = Validator(cfg, manifest, val_groups, device)
+        # its metrics' and plots' modules load while the run trains (seconds of a cold start otherwise)
+        validator.imports = threading.Thread(
+            target=import_heavy, name="nanodit-validation-imports", daemon=True
+        )
+        validator.imports.start()
     return model, fwd, generators, optim, ema, validator
 
 
@@ -618,25 +631,34 @@ def validate_shared(run: Run, final: bool = False) -> dict | None:
 
 def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, *, final: bool = False):
     """Judge the EMA weights at ``step`` into ``run_dir/validation/step-<step>/`` (with ``final`` also
-    ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: a fresh eager
-    twin gets the EMA weights (the live blocks may be compiled, and validation shapes would only add compiles).
-    A failure here is reported and logged but never ends training or loses a checkpoint (re-validate later).
-    Returns {"path", "decision", "scores"} or None."""
+        ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: a fresh eager
+        twin (built at the first validation, kept by the validator) gets the EMA weights (the live blocks may be compiled,
+    and validation shapes would only add compiles).
+        A failure here is reported and logged but never ends training or loses a checkpoint (re-validate later).
+        Returns {"path", "decision", "scores"} or None."""
     cfg, manifest = validator.cfg, validator.manifest
     step_dir = run_dir / "validation" / f"step-{step:08d}"
     try:
         t0 = time.perf_counter()
-        vmodel = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(validator.device)
+        if validator.twin is None:  # built once, the EMA weights copied in at each validation
+            twin = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).to(validator.device)
+            validator.twin = twin.eval().requires_grad_(False)
+        vmodel = validator.twin
         ema.copy_to(vmodel)
-        vmodel.eval().requires_grad_(False)
         t_twin = time.perf_counter() - t0
         saved = [run_dir / "checkpoints" / f"ckpt-{step:08d}{s}" for s in (".pt", ".dcp")]
         ckpt = next((p for p in saved if p.exists()), None)  # the weights judged, when saved at this step
         extra = {"checkpoint": str(ckpt)} if ckpt is not None else None
         result = validator.run(
-            vmodel, step, step_dir, run_dir, metrics, self_test=final and cfg.val.self_test, extra=extra
+            vmodel,
+            step,
+            step_dir,
+            run_dir,
+            metrics,
+            self_test=final and cfg.val.self_test,
+            extra=extra,
+            background=not final,  # the folder is written while training goes on
         )
-        del vmodel
         validator.timing["twin"] = t_twin
         t0 = time.perf_counter()
         path = write_final(run_dir, step_dir, result) if final else step_dir

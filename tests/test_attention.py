@@ -368,3 +368,28 @@ def test_auto_hands_over_when_its_first_kernel_cannot_run(monkeypatch, seed):
         torch.testing.assert_close(a.double(), r, **FP32_TOL)
     with pytest.raises(RuntimeError):  # the same kernel forced alone does fail: the order is what helps
         A.attention_sdpa(q, k, v, mask, kernels=("cudnn",))
+
+
+def test_constant_to_compile_leaves_torch_compilers_mark() -> None:
+    """attention.constant_to_compile marks a function as torch.compiler.assume_constant_result does (it sets the
+    mark without importing torch._dynamo); a torch that changes the mark fails here."""
+
+    def probe_a() -> int:
+        return 1
+
+    def probe_b() -> int:
+        return 1
+
+    A.constant_to_compile(probe_a)
+    torch.compiler.assume_constant_result(probe_b)
+    assert vars(probe_a) == vars(probe_b) and vars(probe_b)
+
+
+def test_model_import_does_not_load_dynamo() -> None:
+    """Importing the trainer's model does not import torch._dynamo (seconds of start-up; only compile needs it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, nanodit.model; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

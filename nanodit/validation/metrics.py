@@ -7,6 +7,7 @@ run's metrics.jsonl). Images are (B, 3, H, W) float tensors in [0, 1].
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import warnings
@@ -14,7 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+HEAVY_MODULES = (  # imported where first used: ~6 s of a cold GPU process's start (torchmetrics imports
+    "torchmetrics.functional.image",  # transformers where it is installed), paid by a run before it validates
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+)
+
+
+def import_heavy() -> None:
+    """Import the validation's heavy modules (``HEAVY_MODULES``, those installed); the trainer runs this in a
+    background thread while it trains, so the first validation does not wait for them."""
+    for name in HEAVY_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # matplotlib is optional (the validation extra): the plots say so
+            pass
+
 
 PSNR_CAP_DB = 100.0  # identical images: the MSE floor 1e-10 caps PSNR here instead of infinity
 
@@ -25,6 +42,8 @@ PSNR_CAP_DB = 100.0  # identical images: the MSE floor 1e-10 caps PSNR here inst
 def psnr(x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Per-image PSNR in dB of (B, C, H, W) images in [0, 1] (torchmetrics: 10 log10(1 / MSE)), capped at
     PSNR_CAP_DB for identical images instead of infinity."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # see ``import_heavy``
+
     db = peak_signal_noise_ratio(
         x.float(), y.float(), data_range=1.0, reduction="none", dim=(1, 2, 3)
     )  # (B,)
@@ -34,6 +53,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> list[float]:
 def ssim(x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Per-image SSIM of (B, C, H, W) images in [0, 1] (torchmetrics: an 11x11 Gaussian window of sigma 1.5,
     or the largest odd one that fits a small image; channels averaged), batched on the images' device."""
+    from torchmetrics.functional.image import structural_similarity_index_measure  # see ``import_heavy``
+
     side = min(x.shape[-2:])
     k = min(11, side - (1 - side % 2))  # odd, <= the image side
     out = structural_similarity_index_measure(

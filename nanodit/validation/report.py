@@ -603,6 +603,12 @@ def history(val_dir: Path) -> list[dict]:
 
 def log_metrics(metrics, step: int, result: dict, out_dir: Path) -> None:
     """Scores as ``val/*`` scalars (metrics.jsonl and TensorBoard), grids as images, the decision as text."""
+    log_scores(metrics, step, result)
+    log_media(metrics, step, result, out_dir)
+
+
+def log_scores(metrics, step: int, result: dict) -> None:
+    """Scores as ``val/*`` scalars (metrics.jsonl and TensorBoard)."""
     row = {
         f"val/{k}": v for k, v in result["numbers"].items() if isinstance(v, (int, float)) and v is not None
     }
@@ -611,6 +617,10 @@ def log_metrics(metrics, step: int, result: dict, out_dir: Path) -> None:
             row[f"val/{name}"] = c["value"]
     row["val/go"] = 1.0 if result["decision"] == "GO" else 0.0
     metrics.log(step, row)
+
+
+def log_media(metrics, step: int, result: dict, out_dir: Path) -> None:
+    """The grids (``out_dir``'s PNGs) and the decision text to TensorBoard, when the run writes it."""
     tb = getattr(metrics, "tb", None)
     if tb is None:
         return

@@ -13,9 +13,12 @@ Sampling: ``val.samples`` cases per test, fixed noise per sample, ``val.steps`` 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,8 @@ from nanodit.validation.sampling import condition_effect, generate
 from nanodit.validation.scoring import score_cases
 from nanodit.validation.selftest import FAULTS, planted, summarize
 from nanodit.validation.tools import Tools, load_tools
+
+log = logging.getLogger(__name__)
 
 
 class ValidateError(RuntimeError):
@@ -91,6 +96,13 @@ class Validator:
         # host seconds by part of the last ``run`` (sample, score, effects, self_test.sample, ..., report, log)
         self.timing: dict[str, float] = {}
         self._prefix = ""
+        self.twin: torch.nn.Module | None = (
+            None  # the trainer's eval model, its EMA weights copied in per step
+        )
+        self.background_timing: dict[str, float] = {}  # seconds the worker thread spent writing (all runs)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future] | None = None  # (step, its background write)
+        self.imports: threading.Thread | None = None  # the trainer's background import of metrics and plots
 
     @contextlib.contextmanager
     def _timed(self, part: str) -> Iterator[None]:
@@ -159,11 +171,14 @@ class Validator:
         metrics=None,
         self_test: bool = False,
         extra: dict | None = None,
+        background: bool = False,
     ) -> dict:
-        """Validate ``model`` (already holding the weights to judge, in eval mode) and write ``out_dir``.
+        """Validate ``model`` (already holding the weights to judge, in eval mode) and write ``out_dir``
+        (``background``: in a worker thread, done by the next ``run``, ``wait`` or ``close``).
 
         Returns the scores dict (also ``out_dir/scores.json``). ``metrics`` (the trainer's MetricsLogger) gets
         the scores and grids for TensorBoard; ``extra`` entries (e.g. the checkpoint path) are added."""
+        self.wait()  # one validation's files at a time, in step order
         t0 = time.perf_counter()
         self.timing = {}
         ev = self.evaluate(model, run_dir)
@@ -209,12 +224,52 @@ class Validator:
                 result["no_power"] = missed
         result.update(extra or {})
         result["seconds"] = time.perf_counter() - t0
-        with self._timed("report"):
-            report.write_report(out_dir, result, ev["images"])
         if metrics is not None:
-            with self._timed("log"):
-                report.log_metrics(metrics, step, result, Path(out_dir))
+            report.log_scores(metrics, step, result)  # metrics.jsonl is the training thread's to write
+        if background:  # the files and TensorBoard's images while training goes on (CPU work: PNG, plots)
+            self._pending = (
+                step,
+                self._executor().submit(self._write, out_dir, result, ev["images"], metrics),
+            )
+        else:
+            self._write(out_dir, result, ev["images"], metrics)
         return result
+
+    def _write(self, out_dir: str | Path, result: dict, images: dict, metrics) -> None:
+        """The validation folder (report.md/html, grids, plots, scores.json) and TensorBoard's images."""
+        background = threading.current_thread() is not threading.main_thread()
+        timing = self.background_timing if background else self.timing
+        t0 = time.perf_counter()
+        report.write_report(out_dir, result, images)
+        t1 = time.perf_counter()
+        if metrics is not None:
+            report.log_media(metrics, result["step"], result, Path(out_dir))
+        timing["report"] = timing.get("report", 0.0) + t1 - t0
+        timing["log"] = timing.get("log", 0.0) + time.perf_counter() - t1
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanodit-report")
+        return self._pool
+
+    def wait(self) -> None:
+        """Finish the last background write (``run(background=True)``). Its failure is a warning: the scores
+        are in metrics.jsonl and the checkpoint can be re-validated; a run never ends for a report."""
+        if self._pending is None:
+            return
+        (step, future), self._pending = self._pending, None
+        try:
+            future.result()
+        except Exception as e:
+            msg = f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning(f"validation report of step {step} not written: {msg}")
+
+    def close(self) -> None:
+        """Wait for the last background write and stop its thread."""
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def run_validation(
