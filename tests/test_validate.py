@@ -576,10 +576,72 @@ def test_trainer_validates_ema_weights_and_leaves_the_model_alone(shapes, tmp_pa
     model.train()
     validator = Validator(cfg, manifest, groups, torch.device("cpu"))
     out = validate_ema(validator, ema, tmp_path, 7, None)
+    validator.close()  # the step folder is written by the validator's worker thread
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     want = run(ema_model.eval(), manifest, groups, cfg, tmp_path / "direct")
     assert out["scores"]["numbers"]["latent_mse"] == pytest.approx(want["numbers"]["latent_mse"], rel=1e-6)
     assert out["path"] == str(tmp_path / "validation" / "step-00000007")
+
+
+def test_background_write_equals_the_foreground_one_and_the_twin_follows_the_ema(shapes, tmp_path) -> None:
+    """An intermediate validation's folder written by the worker thread holds the same files and scores as one
+    written in the caller's thread; the eval twin is built once and takes each validation's EMA weights."""
+    from nanodit.model import build_model
+    from nanodit.optim import EMA
+    from nanodit.train import validate_ema
+    from nanodit.validation import Validator
+
+    _, manifest, groups = shapes
+    cfg = val_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    ema = EMA(model)
+    validator = Validator(cfg, manifest, groups, torch.device("cpu"))
+    first = validate_ema(validator, ema, tmp_path, 5, None)  # background (not final)
+    twin = validator.twin
+    for p in model.parameters():
+        p.data.add_(0.05)
+    ema.update(model, 0.0)  # decay 0: the EMA takes the moved weights
+    second = validate_ema(validator, ema, tmp_path, 6, None)
+    validator.close()
+    assert validator.twin is twin
+    assert first["scores"]["numbers"]["latent_mse"] != second["scores"]["numbers"]["latent_mse"]
+    fg = tmp_path / "fg"
+    fg_result = validator.run(twin, 6, fg, tmp_path)  # the same weights, written in this thread
+    bg = tmp_path / "validation" / "step-00000006"
+    assert sorted(p.name for p in bg.iterdir()) == sorted(p.name for p in fg.iterdir())
+    bg_scores, fg_scores = (json.loads((d / "scores.json").read_text()) for d in (bg, fg))
+    for key in ("decision", "numbers", "criteria"):
+        assert bg_scores[key] == fg_scores[key] == json.loads(json.dumps(fg_result[key], allow_nan=True)), key
+    assert validator.background_timing["report"] > 0
+
+
+def test_a_failed_background_write_is_a_warning(shapes, tmp_path, caplog, monkeypatch) -> None:
+    """A report the worker thread could not write is one warning at the next wait, never an exception: the
+    scores are already in the caller's hands and the run goes on."""
+    import nanodit.validation.report as report
+    from nanodit.model import build_model
+    from nanodit.validation import Validator
+
+    _, manifest, groups = shapes
+    cfg = val_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"]).eval()
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full_disk)
+    validator = Validator(cfg, manifest, groups, torch.device("cpu"))
+    result = validator.run(model, 3, tmp_path / "out", tmp_path, background=True)
+    assert result["decision"] in ("GO", "NO-GO", "INCOMPLETE")
+    with caplog.at_level("WARNING"):
+        validator.close()
+    assert any(
+        "report of step 3 not written" in r.message and "No space left" in r.message for r in caplog.records
+    )
 
 
 def test_cli_writes_the_report(smoke_run, capsys) -> None:
