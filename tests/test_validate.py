@@ -553,6 +553,17 @@ def test_hook_writes_step_folders_final_report_and_tensorboard(smoke_run) -> Non
     assert shown[20].encoded_image_string == png and shown[20].width > 0 and shown[20].height > 0
 
 
+def random_model(cfg, manifest):
+    """The config's model with seeded N(0, 0.02) weights (an untrained model's outputs are all zero)."""
+    from nanodit.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
 def test_trainer_validates_ema_weights_and_leaves_the_model_alone(shapes, tmp_path) -> None:
     """train.validate_ema judges the EMA weights on a fresh twin: the live model (weights, train mode) is
     untouched, and the scores equal those of a model loaded with the EMA weights directly."""
@@ -563,10 +574,7 @@ def test_trainer_validates_ema_weights_and_leaves_the_model_alone(shapes, tmp_pa
 
     root, manifest, groups = shapes
     cfg = val_cfg()
-    torch.manual_seed(0)
-    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
+    model = random_model(cfg, manifest)
     ema = EMA(model)  # the EMA holds these weights; the live model then moves away
     ema_model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
     ema.copy_to(ema_model)
@@ -586,17 +594,13 @@ def test_trainer_validates_ema_weights_and_leaves_the_model_alone(shapes, tmp_pa
 def test_background_write_equals_the_foreground_one_and_the_twin_follows_the_ema(shapes, tmp_path) -> None:
     """An intermediate validation's folder written by the worker thread holds the same files and scores as one
     written in the caller's thread; the eval twin is built once and takes each validation's EMA weights."""
-    from nanodit.model import build_model
     from nanodit.optim import EMA
     from nanodit.train import validate_ema
     from nanodit.validation import Validator
 
     _, manifest, groups = shapes
     cfg = val_cfg()
-    torch.manual_seed(0)
-    model = build_model(cfg.model, manifest["dino_dim"], manifest["t5_dim"])
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
+    model = random_model(cfg, manifest)
     ema = EMA(model)
     validator = Validator(cfg, manifest, groups, torch.device("cpu"))
     first = validate_ema(validator, ema, tmp_path, 5, None)  # background (not final)
