@@ -45,8 +45,14 @@ def test_decision_time_writes_cold_and_warm_with_stages(tmp_path):
     for run in ("cold", "warm"):
         st = r["stages"][run]
         assert st["startup"] > 0 and st["train"] > 0 and st["validation"] > 0 and st["checkpoints"] > 0
-        parts = sum(v for k, v in st.items() if k not in ("total", "shapes", "startup"))
+        parts = sum(st[k] for k in Stages.NAMES)
         assert abs(parts - st["total"]) < 0.01  # every second of the job is in one stage
         assert abs(st["total"] + st["startup"] - r[f"{run}_wall_s"]) < 0.01
+        # startup = launch (process start -> train(), the trainer's /proc reading) + exit, /proc's 10 ms ticks apart
+        assert st["launch"] > 0 and abs(st["launch"] + st["exit"] - st["startup"]) < 0.03
+        # the validation's parts: the final one in this thread (within the stage), nothing left in the background
+        inside = st["validation_parts"]
+        assert {"sample", "score", "report", "twin"} <= set(inside)
+        assert sum(inside.values()) <= st["validation"]
     assert r["stages"]["cold"]["data"] > r["stages"]["warm"]["data"]  # the cold run writes the shapes set
     assert r["trainer_ms_per_step"] > 0
