@@ -188,6 +188,16 @@ def log_row(window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: i
     return row
 
 
+@contextlib.contextmanager
+def timed(into: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall seconds of the ``with`` body to ``into[key]`` (0 where absent), also when it raises."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[key] = into.get(key, 0.0) + time.perf_counter() - t0
+
+
 class Stages:
     """Host wall seconds of a training job by stage, from ``train()``'s entry to the written summary:
 
@@ -208,17 +218,11 @@ class Stages:
         self.t0 = time.perf_counter()
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
         self.shapes: dict[tuple, int] = {}
-        self.breakdown: dict[
-            str, dict[str, float]
-        ] = {}  # stage -> {part: seconds}, where a stage reports parts
+        # stage -> {part: seconds}, where a stage reports parts
+        self.breakdown: dict[str, dict[str, float]] = {}
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - t0
+    def __call__(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return timed(self.seconds, name)
 
     def parts(self, stage: str, seconds: dict[str, float]) -> None:
         """Add ``seconds`` by part to ``stage``'s breakdown (summary()'s ``<stage>_parts``)."""

@@ -279,9 +279,7 @@ def _build(cfg: Config, manifest: dict, data_root: Path, dist: distributed.Dist)
         _, val_groups = read_val_samples(data_root, cfg.val.samples, cfg.data.on_error)
         validator = Validator(cfg, manifest, val_groups, device)
         # its metrics' and plots' modules load while the run trains (seconds of a cold start otherwise)
-        validator.imports = threading.Thread(
-            target=import_heavy, name="nanodit-validation-imports", daemon=True
-        )
+        validator.imports = threading.Thread(target=import_heavy, name="nanodit-imports", daemon=True)
         validator.imports.start()
     return model, fwd, generators, optim, ema, validator
 
@@ -631,11 +629,10 @@ def validate_shared(run: Run, final: bool = False) -> dict | None:
 
 def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, *, final: bool = False):
     """Judge the EMA weights at ``step`` into ``run_dir/validation/step-<step>/`` (with ``final`` also
-        ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: a fresh eager
-        twin (built at the first validation, kept by the validator) gets the EMA weights (the live blocks may be compiled,
-    and validation shapes would only add compiles).
-        A failure here is reported and logged but never ends training or loses a checkpoint (re-validate later).
-        Returns {"path", "decision", "scores"} or None."""
+    ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: an eager twin
+    (built at the first validation, kept by the validator) gets the EMA weights (the live blocks may be compiled,
+    and validation shapes would only add compiles). A failure here is reported and logged but never ends training
+    or loses a checkpoint (re-validate later). Returns {"path", "decision", "scores"} or None."""
     cfg, manifest = validator.cfg, validator.manifest
     step_dir = run_dir / "validation" / f"step-{step:08d}"
     try:

@@ -41,9 +41,8 @@ def main(out: str, overrides: list[str]) -> None:
     )
     v = Validator(cfg, manifest, groups, device)
     rows = []
-    for i in range(
-        3
-    ):  # the first pays cuDNN plans and Triton JIT; the later ones are what a run's validations see
+    # the first evaluation pays cuDNN plans and Triton JIT; the later ones are what a run's validations see
+    for i in range(3):
         t0 = time.perf_counter()
         v.timing = {}
         v.evaluate(model, root)

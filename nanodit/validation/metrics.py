@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HEAVY_MODULES = (  # imported where first used: ~6 s of a cold GPU process's start (torchmetrics imports
-    "torchmetrics.functional.image",  # transformers where it is installed), paid by a run before it validates
-    "matplotlib.figure",
-    "matplotlib.backends.backend_agg",
-)
+# imported where first used, not at import: ~6 s of a cold GPU process's start (torchmetrics imports
+# transformers where that is installed), which a run would pay long before it validates
+HEAVY_MODULES = ("torchmetrics.functional.image", "matplotlib.figure", "matplotlib.backends.backend_agg")
 
 
 def import_heavy() -> None:

@@ -17,7 +17,6 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from nanodit.data.shards import Sample
 from nanodit.device import autocast_for, device_name
 from nanodit.model import build_model
 from nanodit.provenance import code_version
+from nanodit.runlog import timed
 from nanodit.validation.cases import has_scenes, select_cases
 from nanodit.validation.criteria import build_criteria, decide, warnings_for
 from nanodit.validation.metrics import loss_ratio, read_loss_bins, read_loss_log
@@ -96,22 +96,15 @@ class Validator:
         # host seconds by part of the last ``run`` (sample, score, effects, self_test.sample, ..., report, log)
         self.timing: dict[str, float] = {}
         self._prefix = ""
-        self.twin: torch.nn.Module | None = (
-            None  # the trainer's eval model, its EMA weights copied in per step
-        )
+        # the trainer's eval model, its EMA weights copied in at each validation
+        self.twin: torch.nn.Module | None = None
         self.background_timing: dict[str, float] = {}  # seconds the worker thread spent writing (all runs)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future] | None = None  # (step, its background write)
         self.imports: threading.Thread | None = None  # the trainer's background import of metrics and plots
 
-    @contextlib.contextmanager
-    def _timed(self, part: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = self._prefix + part
-            self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - t0
+    def _timed(self, part: str) -> contextlib.AbstractContextManager[None]:
+        return timed(self.timing, self._prefix + part)
 
     # -- one judgement -------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, run_dir: str | Path, effects: bool = True) -> dict:
@@ -227,25 +220,21 @@ class Validator:
         if metrics is not None:
             report.log_scores(metrics, step, result)  # metrics.jsonl is the training thread's to write
         if background:  # the files and TensorBoard's images while training goes on (CPU work: PNG, plots)
-            self._pending = (
-                step,
-                self._executor().submit(self._write, out_dir, result, ev["images"], metrics),
-            )
+            args = (out_dir, result, ev["images"], metrics, self.background_timing)
+            self._pending = (step, self._executor().submit(self._write, *args))
         else:
-            self._write(out_dir, result, ev["images"], metrics)
+            self._write(out_dir, result, ev["images"], metrics, self.timing)
         return result
 
-    def _write(self, out_dir: str | Path, result: dict, images: dict, metrics) -> None:
-        """The validation folder (report.md/html, grids, plots, scores.json) and TensorBoard's images."""
-        background = threading.current_thread() is not threading.main_thread()
-        timing = self.background_timing if background else self.timing
-        t0 = time.perf_counter()
-        report.write_report(out_dir, result, images)
-        t1 = time.perf_counter()
+    @staticmethod
+    def _write(out_dir: str | Path, result: dict, images: dict, metrics, timing: dict[str, float]) -> None:
+        """The validation folder (report.md/html, grids, plots, scores.json) and TensorBoard's images; their
+        seconds are added to ``timing``."""
+        with timed(timing, "report"):
+            report.write_report(out_dir, result, images)
         if metrics is not None:
-            report.log_media(metrics, result["step"], result, Path(out_dir))
-        timing["report"] = timing.get("report", 0.0) + t1 - t0
-        timing["log"] = timing.get("log", 0.0) + time.perf_counter() - t1
+            with timed(timing, "log"):
+                report.log_media(metrics, result["step"], result, Path(out_dir))
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
