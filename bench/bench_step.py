@@ -187,7 +187,7 @@ def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list, dict]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    busy, top = device_busy(prof, steps)
+    busy, top, classes = device_busy(prof, steps)
     host = [e for e in prof.key_averages() if "CUDA" not in str(getattr(e, "device_type", ""))]
     host.sort(key=lambda e: -e.self_cpu_time_total)
     launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
@@ -196,6 +196,7 @@ def gpu_busy_ms(step, steps: int = 10) -> tuple[float, list, dict]:
             [e.key[:60], round(e.self_cpu_time_total / steps / 1e3, 3), e.count // steps] for e in host[:10]
         ],
         "launches_per_step": {e.key: e.count // steps for e in host if e.key in launch_keys},
+        "kernel_classes_ms": classes,
     }
     return busy, top, info
 

@@ -21,11 +21,32 @@ import torch
 
 REGIONS = ("data", "forward+loss", "backward", "optimizer", "ema")
 
+# kernel classes by name, first match wins: where a step's GPU time goes, in the terms one optimises it by
+KERNEL_CLASSES = (
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
+    ("nanodit triton", ("_modulate", "_residual", "_gated", "_flow", "_scale_rows")),
+    ("inductor triton", ("triton_",)),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("optimizer / ema", ("foreach", "multi_tensor", "fused_adam", "adam", "lerp")),
+    ("reduction", ("reduce", "norm")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, needles in KERNEL_CLASSES:
+        if any(n in low for n in needles):
+            return cls
+    return "other"
+
 
 def device_busy(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
     """(GPU-busy ms per step, the ``top`` kernels by time) from a finished torch.profiler run of ``steps``
     steps: the self device time of every device-side event (kernels, memcpy, memset), each counted once."""
-    total, per_kernel = 0.0, []
+    total, per_kernel, classes = 0.0, [], {}
     for e in prof.key_averages():
         if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
             continue
@@ -35,10 +56,16 @@ def device_busy(prof, steps: int, top: int = 12) -> tuple[float, list[dict]]:
         us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
         total += us
         per_kernel.append((e.key[:90], us / steps / 1e3, e.count // max(steps, 1)))
+        cls = classes.setdefault(kernel_class(e.key), [0.0, 0])
+        cls[0] += us / steps / 1e3
+        cls[1] += e.count // max(steps, 1)
     per_kernel.sort(key=lambda r: -r[1])
-    return total / steps / 1e3, [
-        {"kernel": k, "ms": round(ms, 4), "calls": n} for k, ms, n in per_kernel[:top]
-    ]
+    top_rows = [{"kernel": k, "ms": round(ms, 4), "calls": n} for k, ms, n in per_kernel[:top]]
+    by_class = {
+        c: {"ms": round(ms, 4), "calls": n}
+        for c, (ms, n) in sorted(classes.items(), key=lambda kv: -kv[1][0])
+    }
+    return total / steps / 1e3, top_rows, by_class
 
 
 def host_regions(prof, steps: int) -> dict[str, float]:
@@ -99,13 +126,14 @@ class StepProfiler:
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        busy, top = device_busy(prof, n) if self.device.type == "cuda" else (None, [])
+        busy, top, classes = device_busy(prof, n, top=40) if self.device.type == "cuda" else (None, [], {})
         self.summary = {
             "steps": n,
             "first_step": self.start + 1,
             "wall_ms_per_step": round(wall, 3),
             "gpu_busy_ms_per_step": None if busy is None else round(busy, 3),
             "host_ms_per_step": host_regions(prof, n),
+            "kernel_classes_ms": classes,
             "top_kernels": top,
             "note": "wall includes the profiler's own overhead (a few percent); host regions are CPU wall time",
         }
