@@ -142,6 +142,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
+    # one process: a checkpoint is copied to host memory at its step (no host sync) and written to disk by a
+    # background thread while training goes on (nanodit/checkpoint.py CheckpointWriter); false: written in the loop
+    checkpoint_async: bool = True
     resume: str = "none"  # none | auto | PATH of a checkpoint (what may change on resume: nanodit/resume.py)
     # a step whose loss or gradient norm is not finite is never applied (nanodit/nonfinite.py); at the next
     # log step, stop: end the run (the state kept in <run>/nonfinite/, apart from the checkpoints) | skip: go on

@@ -37,6 +37,7 @@ FREE = (
     "train.log_every",
     "train.ckpt_every",
     "train.keep_checkpoints",
+    "train.checkpoint_async",
     "train.resume",
     "train.profile_steps",
     "train.profile_start",

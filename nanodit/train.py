@@ -32,8 +32,8 @@ from nanodit import distributed
 from nanodit.accumulate import accumulate, forward_loss, slot_seed
 from nanodit.checkpoint import (
     CheckpointError,
+    CheckpointWriter,
     list_checkpoints,
-    save_checkpoint,
     save_state,
 )
 from nanodit.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
@@ -142,6 +142,8 @@ class Run:
     saved: dict = field(default_factory=dict)  # step -> checkpoint path written by this process
     shape: tuple = ()  # the last step's batch shapes (Stages: warm-up while a shape is new)
     graphs: StepGraphs | None = None  # train.step_graph: the whole step as a CUDA graph per batch shape
+    # one process's checkpoints (train.checkpoint_async: written in the background)
+    writer: CheckpointWriter | None = None
 
     def state(self, at: int) -> dict:
         """The complete resume state at step ``at``."""
@@ -170,16 +172,19 @@ class Run:
                 group["lr"], group["capturable"] = float(group["lr"]), False
         return state
 
-    def checkpoint(self, at: int) -> Path:
-        if at not in self.saved:  # a stop right after a periodic save reuses it
-            keep = self.cfg.train.keep_checkpoints
-            with self.stages("checkpoints"):
-                if (
-                    self.dist.sharded_checkpoints
-                ):  # several processes: a DCP folder, every rank writing its part
+    def checkpoint(self, at: int, wait: bool = False) -> Path:
+        """Save the state of step ``at`` (one process: written in the background unless ``wait``, see
+        ``CheckpointWriter``); the path it has once written."""
+        with self.stages("checkpoints"):
+            if at not in self.saved:  # a stop right after a periodic save reuses it
+                # several processes: a DCP folder, every rank writing its part
+                if self.dist.sharded_checkpoints:
+                    keep = self.cfg.train.keep_checkpoints
                     self.saved[at] = save_dcp(self.dir / "checkpoints", at, self.state(at), self.dist, keep)
                 else:
-                    self.saved[at] = save_checkpoint(self.dir, at, self.state(at), keep=keep)
+                    self.saved[at] = self.writer.save(at, self.state(at))
+            if wait:
+                self.writer.wait()
         return self.saved[at]
 
     def keep_apart(self, at: int, bad: list) -> Path:
@@ -190,6 +195,15 @@ class Run:
         return save_state(self.dir / "nonfinite" / f"ckpt-{at:08d}.pt", state)
 
     def close(self) -> None:
+        """Join the background work (a checkpoint write, a report, imports); close the records. An error of a
+        checkpoint write not raised by then (another error is on its way) is logged."""
+        try:
+            self.writer.wait()
+        except CheckpointError as e:
+            log.error(str(e))
+        if self.writer.background:
+            self.stages.parts("checkpoints_background", {"write": self.writer.seconds})
+            self.writer.seconds = 0.0
         if self.validator is not None:
             self.validator.close()  # the last background report written (before the metrics close)
             self.stages.parts("validation_background", self.validator.background_timing)
@@ -251,6 +265,7 @@ def setup(
         micro_generators=micro_generators,
         validates=bool(cfg.val.every or cfg.val.at_end),
     )
+    run.writer = CheckpointWriter(run_dir, cfg.train.keep_checkpoints, background=cfg.train.checkpoint_async)
     if state is not None:
         _resume(run, state, resume_from)
     run.graphs = _step_graphs(run)
@@ -441,12 +456,12 @@ def _steps(run: Run, stop: GracefulStop, stop_after: int | None) -> bool:
         if run.step % t.ckpt_every == 0 and run.step < t.steps:
             run.checkpoint(run.step)
         if stop_after is not None and run.step >= stop_after:
-            run.checkpoint(run.step)
+            run.checkpoint(run.step, wait=True)
             run.close()
             return False
         signum = run.dist.vote_stop(stop.requested)  # several ranks stop after the same step
         if signum is not None:  # SIGINT / SIGTERM: this step is done; save it and go
-            path = run.checkpoint(run.step)
+            path = run.checkpoint(run.step, wait=True)
             run.close()
             raise Interrupted(
                 signum,
@@ -536,6 +551,7 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
     """The log row of the window since the last one (the one host sync of a log interval), and what a
     non-finite step means under ``train.on_nonfinite``."""
     t, step = run.cfg.train, run.step
+    run.writer.poll()  # a checkpoint write that failed in the background ends the run here
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     bad = distributed.merge_bad(run.dist, run.guard.read())  # the window's finite flags, in one transfer
@@ -603,6 +619,7 @@ def teardown(run: Run) -> dict:
             report = validate_shared(run, final=True)
         if report is not None:  # the scores themselves are in the report folder's scores.json
             summary["report"] = {"path": report["path"], "decision": report["decision"]}
+    run.checkpoint(run.step, wait=True)  # the final checkpoint, written while the validation ran
     run.close()
     summary["stages_s"] = run.stages.summary()
     if run.dist.is_main:

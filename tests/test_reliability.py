@@ -507,6 +507,54 @@ def test_save_failure_is_a_checkpoint_error_for_the_api(tmp_path):
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
+def test_background_writer_saves_the_state_of_its_step_and_raises_a_failure_later(tmp_path):
+    """CheckpointWriter: what is written is the state when ``save`` was called (later in-place updates do not
+    reach the file); a failed background write is the same one-line CheckpointError, raised by the next call,
+    and no later checkpoint is written after it."""
+    run = tmp_path / "run"
+    w = ckpt_mod.CheckpointWriter(run, keep=3)
+    weights = torch.arange(6.0)
+    state = {"model": {"w": weights}, "ema": {"w": weights}, "step": 1, "log": {"rows": [1, 2]}}
+    path = w.save(1, state)
+    weights.add_(100.0)  # training goes on while the file is written
+    state["log"]["rows"].append(3)
+    w.wait()
+    saved = torch.load(path, weights_only=False)
+    assert torch.equal(saved["model"]["w"], torch.arange(6.0)) and saved["log"]["rows"] == [1, 2]
+    (run / "checkpoints" / "ckpt-00000002.pt").mkdir()  # the rename target is a folder: os.replace fails
+    w.save(2, state)
+    w._thread.join()
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 2 not written: .*ckpt-00000002.pt"):
+        w.poll()
+    w.poll()  # raised once
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000001.pt"]
+
+
+def test_snapshot_reuses_its_staging_buffers():
+    """The pinned host buffers of one snapshot serve the next (by shape and dtype); CPU tensors are cloned."""
+    a, b = torch.ones(3), torch.zeros(2, dtype=torch.int64)
+    staging: list[torch.Tensor] = []
+    snap, event = ckpt_mod.snapshot({"a": a, "b": [b, 7]}, staging)
+    assert event is None and staging == []  # CPU tensors: clones, no pinned buffers
+    assert snap["a"] is not a and torch.equal(snap["a"], a) and snap["b"][1] == 7
+
+
+@pytest.mark.gpu
+def test_snapshot_of_cuda_tensors_is_pinned_and_reused():
+    """CUDA tensors: copied into pinned buffers behind an event; the next snapshot reuses those buffers."""
+    staging: list[torch.Tensor] = []
+    g = {"x": torch.ones(4, device="cuda"), "y": torch.zeros(2, device="cuda")}
+    first, ev = ckpt_mod.snapshot(g, staging)
+    ev.synchronize()
+    bufs = {id(t) for t in staging}
+    assert len(bufs) == 2 and all(t.is_pinned() for t in staging) and torch.equal(first["x"], torch.ones(4))
+    g["x"].add_(1.0)
+    second, ev = ckpt_mod.snapshot(g, staging)
+    ev.synchronize()
+    assert {id(t) for t in staging} == bufs and torch.equal(second["x"], torch.full((4,), 2.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # the kill -9 loop
 
