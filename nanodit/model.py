@@ -66,10 +66,24 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (the same parameters and state_dict keys) through ``ops.linear``: for the layers applied to
+    every token, where the fused ops take the bias gradient as one matrix-vector product."""
+
+    def __init__(self, d_in: int, d_out: int, ops: SimpleNamespace | None = None):
+        super().__init__(d_in, d_out)
+        self.linear_op = ops.linear if ops is not None else F.linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_op(x, self.weight, self.bias)
+
+
 class Mlp(nn.Module):
-    def __init__(self, d_in: int, d_hidden: int, d_out: int, act: nn.Module):
+    def __init__(
+        self, d_in: int, d_hidden: int, d_out: int, act: nn.Module, ops: SimpleNamespace | None = None
+    ):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(d_in, d_hidden), act, nn.Linear(d_hidden, d_out)
+        self.fc1, self.act, self.fc2 = Linear(d_in, d_hidden, ops), act, Linear(d_hidden, d_out, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -80,11 +94,11 @@ class Mlp(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, backend: str):
+    def __init__(self, width: int, heads: int, backend: str, ops: SimpleNamespace | None = None):
         super().__init__()
         self.heads, self.backend = heads, backend
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width, ops)
+        self.proj = Linear(width, width, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -96,12 +110,12 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to the projected caption; padded keys (mask False) are ignored."""
 
-    def __init__(self, width: int, heads: int, backend: str):
+    def __init__(self, width: int, heads: int, backend: str, ops: SimpleNamespace | None = None):
         super().__init__()
         self.heads, self.backend = heads, backend
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
-        self.proj = nn.Linear(width, width)
+        self.q = Linear(width, width, ops)
+        self.kv = Linear(width, 2 * width, ops)
+        self.proj = Linear(width, width, ops)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -122,10 +136,10 @@ class DiTBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, ops: SimpleNamespace, backend: str):
         super().__init__()
         self.ops = ops
-        self.attn = SelfAttention(width, heads, backend)
+        self.attn = SelfAttention(width, heads, backend, ops)
         self.norm_cross = nn.LayerNorm(width, eps=1e-6)
-        self.cross = CrossAttention(width, heads, backend)
-        self.mlp = Mlp(width, int(width * mlp_ratio), width, nn.GELU(approximate="tanh"))
+        self.cross = CrossAttention(width, heads, backend, ops)
+        self.mlp = Mlp(width, int(width * mlp_ratio), width, nn.GELU(approximate="tanh"), ops)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(
@@ -134,8 +148,9 @@ class DiTBlock(nn.Module):
         mod = self.adaLN(c)  # (B, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)  # 6 x (B, D)
         h = self.ops.modulate(x, shift_a, scale_a)  # (B, T, D)
-        x = self.ops.gated_residual(x, gate_a, self.attn(h))  # (B, T, D)
-        cross = self.cross(self.norm_cross(x), y, y_mask)  # (B, T, D)
+        n = self.norm_cross  # x + gate * attn and its LayerNorm, in one pass with the fused ops
+        x, h = self.ops.residual_norm(x, gate_a, self.attn(h), n.weight, n.bias)  # 2 x (B, T, D)
+        cross = self.cross(h, y, y_mask)  # (B, T, D)
         x, h = self.ops.residual_modulate(x, cross, None, shift_m, scale_m)  # 2 x (B, T, D)
         return self.ops.gated_residual(x, gate_m, self.mlp(h))  # (B, T, D)
 
@@ -145,7 +160,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.ops = ops
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.linear = nn.Linear(width, patch * patch * out_channels)
+        self.linear = Linear(width, patch * patch * out_channels, ops)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN(c).chunk(2, dim=1)  # 2 x (B, D)
@@ -182,7 +197,7 @@ class NanoDiT(nn.Module):
         self.t_embed = TimestepEmbedder(width)
         self.dino_embed = Mlp(dino_dim, width, width, nn.SiLU())
         self.null_dino = nn.Parameter(torch.zeros(width))
-        self.caption_embed = Mlp(t5_dim, width, width, nn.GELU(approximate="tanh"))
+        self.caption_embed = Mlp(t5_dim, width, width, nn.GELU(approximate="tanh"), self.ops)
         self.null_text = nn.Parameter(torch.zeros(null_text_tokens, width))
         self.blocks = nn.ModuleList(
             [DiTBlock(width, heads, mlp_ratio, self.ops, attention) for _ in range(depth)]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch.nn.functional as F
+
 from nanodit.kernels.ref import (
     adaln_modulate_ref,
     flow_loss_ref,
+    gated_residual_layer_norm_ref,
     gated_residual_ref,
     residual_adaln_modulate_ref,
 )
@@ -19,6 +22,7 @@ from nanodit.kernels.ref import (
 __all__ = [
     "adaln_modulate_ref",
     "flow_loss_ref",
+    "gated_residual_layer_norm_ref",
     "gated_residual_ref",
     "residual_adaln_modulate_ref",
     "get_ops",
@@ -26,18 +30,27 @@ __all__ = [
 
 
 def get_ops(name: str) -> SimpleNamespace:
-    """The op set behind ``model.kernels``: modulate, gated_residual, residual_modulate, flow_loss."""
+    """The op set behind ``model.kernels``: modulate, gated_residual, residual_modulate, residual_norm (the
+    gated residual and the cross-attention's affine LayerNorm), linear (the token-wise linear layers: ``F.linear``
+    with the bias gradient as one matrix-vector product), flow_loss."""
     if name == "ref":
         return SimpleNamespace(
             modulate=adaln_modulate_ref,
             gated_residual=gated_residual_ref,
             residual_modulate=residual_adaln_modulate_ref,
+            residual_norm=gated_residual_layer_norm_ref,
+            linear=F.linear,
             flow_loss=flow_loss_ref,
         )
     if name == "triton":
         try:
-            from nanodit.kernels.adaln import adaln_modulate, residual_adaln_modulate
+            from nanodit.kernels.adaln import (
+                adaln_modulate,
+                gated_residual_layer_norm,
+                residual_adaln_modulate,
+            )
             from nanodit.kernels.flow_loss import flow_loss
+            from nanodit.kernels.linear import linear
             from nanodit.kernels.residual import gated_residual
         except ImportError as e:  # no triton package on this machine
             raise ValueError(f"model.kernels=triton needs the triton package ({e}); use kernels=ref") from e
@@ -45,6 +58,8 @@ def get_ops(name: str) -> SimpleNamespace:
             modulate=adaln_modulate,
             gated_residual=gated_residual,
             residual_modulate=residual_adaln_modulate,
+            residual_norm=gated_residual_layer_norm,
+            linear=linear,
             flow_loss=flow_loss,
         )
     raise ValueError(f"model.kernels={name!r} is not one of ref, triton")
@@ -53,8 +68,10 @@ def get_ops(name: str) -> SimpleNamespace:
 _LAZY = {
     "adaln_modulate": "adaln",
     "residual_adaln_modulate": "adaln",
+    "gated_residual_layer_norm": "adaln",
     "gated_residual": "residual",
     "flow_loss": "flow_loss",
+    "linear": "linear",
 }
 
 

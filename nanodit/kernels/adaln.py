@@ -483,3 +483,19 @@ def residual_adaln_modulate(
         xn, h, _ = _RESIDUAL_MODULATE(x, y, gate, shift, scale)  # 2 x (B, T, D), the statistics
         return xn, h
     return _ResidualModulate.apply(x, y, gate, shift, scale)  # 2 x (B, T, D)
+
+
+def gated_residual_layer_norm(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_residual_layer_norm_ref`` in one pass: an affine LayerNorm is adaLN modulation with the same
+    shift (``bias``) and scale (``weight - 1``) for every sample, so x' = x + gate[b] * y and its LayerNorm come
+    from ``residual_adaln_modulate`` (the parameters' gradients: the per-sample ones summed over the batch by
+    ``expand``'s backward). h is in x's dtype (the reference's is fp32 under autocast)."""
+    B, D = x.shape[0], x.shape[-1]
+    if weight.shape != (D,) or bias.shape != (D,):
+        raise ValueError(
+            f"gated_residual_layer_norm: weight and bias must have shape ({D},), got "
+            f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    return residual_adaln_modulate(x, y, gate, bias.expand(B, D), (weight - 1).expand(B, D))

@@ -36,6 +36,15 @@ def residual_adaln_modulate_ref(
     return x_new, adaln_modulate_ref(x_new, shift, scale)
 
 
+def gated_residual_layer_norm_ref(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-LN of the cross-attention after the self-attention's residual: x' = x + gate[b] * y,
+    h = LayerNorm(x') * weight + bias (an affine LayerNorm, eps=1e-6: ``nn.LayerNorm(D, eps=1e-6)``)."""
+    x_new = gated_residual_ref(x, gate, y)  # (B, T, D)
+    return x_new, F.layer_norm(x_new, (x.shape[-1],), weight, bias, LN_EPS)
+
+
 def flow_loss_ref(
     v: torch.Tensor,
     x0: torch.Tensor,

@@ -1,7 +1,7 @@
 """Parity of the adaLN kernels with their PyTorch twins: outputs and every gradient.
 
-adaln_modulate(x, shift, scale) and residual_adaln_modulate(x, y, gate|None, shift, scale) against
-adaln_modulate_ref / residual_adaln_modulate_ref, under the rule of ``kernel_cases``. On CPU (Triton's
+adaln_modulate(x, shift, scale), residual_adaln_modulate(x, y, gate|None, shift, scale) and
+gated_residual_layer_norm(x, gate, y, weight, bias) against their ``*_ref`` twins, under the rule of ``kernel_cases``. On CPU (Triton's
 interpreter) a subset of shapes in fp32; on a GPU the full grid in fp32, bf16 and fp16.
 """
 
@@ -12,8 +12,12 @@ import torch
 from kernel_cases import DEVICE, ROW_CASES, compare, fresh_seed, make_rows, make_vecs
 
 from nanodit.kernels import tiling
-from nanodit.kernels.adaln import adaln_modulate, residual_adaln_modulate
-from nanodit.kernels.ref import adaln_modulate_ref, residual_adaln_modulate_ref
+from nanodit.kernels.adaln import adaln_modulate, gated_residual_layer_norm, residual_adaln_modulate
+from nanodit.kernels.ref import (
+    adaln_modulate_ref,
+    gated_residual_layer_norm_ref,
+    residual_adaln_modulate_ref,
+)
 
 
 @pytest.mark.parametrize("shape,dtype,layout,sliced", ROW_CASES)
@@ -40,6 +44,32 @@ def test_residual_modulate_matches_ref(shape, dtype, layout, sliced, gated):
     diff = [0, 1, 2, 3, 4] if gated else [0, 1, 3, 4]
     name = f"residual_modulate {shape} {dtype} {layout} sliced={sliced} gated={gated}"
     compare(name, residual_adaln_modulate, residual_adaln_modulate_ref, args, diff, layout, seed)
+
+
+@pytest.mark.parametrize("shape,dtype,layout,sliced", ROW_CASES)
+def test_residual_layer_norm_matches_ref(shape, dtype, layout, sliced):
+    """x_new, h = LayerNorm(x_new) * weight + bias and the gradients of x, gate, y, weight, bias equal those of
+    the reference (the gated residual, then F.layer_norm with the affine parameters)."""
+    seed = fresh_seed()
+    B, T, D = shape
+    x = make_rows(B, T, D, dtype, layout, loc=0.5)
+    y = make_rows(B, T, D, dtype, layout)
+    (gate,) = make_vecs(B, D, 1, dtype, sliced)
+    weight = (1 + 0.5 * torch.randn(D, device=DEVICE)).to(dtype)
+    bias = (0.5 * torch.randn(D, device=DEVICE)).to(dtype)
+    name = f"residual_layer_norm {shape} {dtype} {layout} sliced={sliced}"
+    args = (x, gate, y, weight, bias)
+    compare(
+        name, gated_residual_layer_norm, gated_residual_layer_norm_ref, args, [0, 1, 2, 3, 4], layout, seed
+    )
+
+
+def test_residual_layer_norm_rejects_a_wrong_weight():
+    x = torch.randn(2, 3, 8, device=DEVICE)
+    with pytest.raises(
+        ValueError, match=r"gated_residual_layer_norm: weight and bias must have shape \(8,\)"
+    ):
+        gated_residual_layer_norm(x, x[:, 0], x, torch.ones(4, device=DEVICE), torch.zeros(8, device=DEVICE))
 
 
 PIPELINE_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
