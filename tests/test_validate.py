@@ -357,6 +357,10 @@ def test_condition_effect_is_zero_for_a_cut_path_and_positive_otherwise(shapes) 
         cut = condition_effect(model, cases, cfg.val.seed)
     assert cut["caption"] == [0.0] * 10
     assert cut["dino"] != [0.0] * 10
+    # one t value per forward (the smallest batches) gives the same numbers as all of them in one forward
+    one_t = condition_effect(model, cases, cfg.val.seed, max_rows=1)
+    for key in ("caption", "dino"):
+        assert np.allclose(one_t[key], e[key], rtol=1e-4, atol=1e-6), key
 
 
 def test_loss_criterion_from_the_run_log(shapes, tmp_path) -> None:
