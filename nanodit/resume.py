@@ -59,6 +59,7 @@ FREE = (
     "data.path",
     "data.keys.",
     "data.cache_dir",
+    "data.t5_pad_multiple",
     "data.t5_max_len",
     "model.kernels",
     "model.attention",
