@@ -182,9 +182,9 @@ def test_intact_oracle_passes_everything_and_is_go(shapes, tmp_path) -> None:
     assert n["recon_scorer_rate"] == 1.0 and n["dino_swap_rate"] == 1.0 and n["text_manip_rate"] == 1.0
     assert n["lpips"] < 1e-3 and n["psnr"] > 40
     # 12 cases over 4 buckets: 4 sampler calls of 4 Euler steps, 3 cases each; then the condition-effect
-    # probe: per bucket (1 recon case each) 10 t values, 3 passes (both, no caption, no DINO) in one call
+    # probe: per bucket (1 recon case each) its 10 t values x 3 passes (both, no caption, no DINO) in one call
     assert oracle.batches[:16] == [3] * 16 and res["sampling"]["sampler_calls"] == 4
-    assert oracle.batches[16:] == [3] * 40
+    assert oracle.batches[16:] == [30] * 4
     # the oracle never looks at the drop flags, so neither condition "moves" it: the report says so loudly
     assert res["effects"]["caption"] == [0.0] * 10 and len(res["warnings"]) == 2
 
