@@ -240,7 +240,10 @@ class Dist:
 def _device(name: str, local_rank: int, world: int) -> torch.device:
     """This process's device: under torchrun ``auto``/``cuda`` mean cuda:LOCAL_RANK."""
     if world == 1 or name == "cpu":
-        return pick_device(name)
+        device = pick_device(name)
+        if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
     if name not in ("auto", "cuda"):
         raise DeviceError(
             f"train.device={name}: with {world} processes each takes cuda:LOCAL_RANK; use train.device=auto, cuda or cpu"
