@@ -24,10 +24,10 @@ REGIONS = ("data", "forward+loss", "backward", "optimizer", "ema")
 # kernel classes by name, first match wins: where a step's GPU time goes, in the terms one optimises it by
 KERNEL_CLASSES = (
     ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
-    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
+    ("gemm", ("nvjet", "gemm", "gemv", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
     ("nanodit triton", ("_modulate", "_residual", "_gated", "_flow", "_scale_rows")),
     ("inductor triton", ("triton_",)),
-    ("layer norm", ("layer_norm", "layernorm")),
+    ("layer norm", ("layer_norm", "layernorm", "gammabeta")),  # GammaBeta...: its weight gradients
     ("optimizer / ema", ("foreach", "multi_tensor", "fused_adam", "adam", "lerp")),
     ("reduction", ("reduce", "norm")),
     ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat")),

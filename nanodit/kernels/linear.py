@@ -1,6 +1,6 @@
 """A linear layer whose backward takes the bias gradient as a matrix-vector product.
 
-``linear(x, weight, bias)`` is ``F.linear`` (``linear_ref``) forward and backward, but autograd's bias gradient
+``linear(x, weight, bias)`` is ``F.linear`` (the ref ops' ``linear``) forward and backward, but autograd's bias gradient
 of a linear layer, ``grad.sum(0)`` over the B*T rows, runs as PyTorch's generic reduction, which on an H200 read
 the nano step's (16384, N) bf16 gradients at 0.6-1.6 TB/s: 1.76 ms of the 16.9 ms of GPU work in a step (107
 launches; bench/results/h200-2026-12-02/). Here the input and weight gradients are the same two matmuls autograd
