@@ -1,10 +1,11 @@
 """Peak GPU memory of the production training step at batch 1..16 on one GPU, with and without activation
 checkpointing: what fits a 24 GB card, and the ``train.grad_accum`` a batch of 16 then needs.
 
-    python bench/bench_memory.py --out bench/results/<card>-<date>/memory.json             # one GPU (never run yet)
+    python bench/bench_memory.py --out bench/results/<card>-<date>/memory.json             # one GPU
     python bench/bench_memory.py --device cpu --size tiny --batches 1,2 --out /tmp/m.json  # the plumbing, on a CPU
 
-Not run on a GPU yet (no GPU in the session that wrote it); tests/test_bench_scripts.py runs the CPU plumbing.
+Measured on an H200 at 0868b45 (bench/results/h200-2026-12-02/memory.json, --steps 2: its ms_per_step is no timing);
+tests/test_bench_scripts.py runs the CPU plumbing.
 
 The step is the trainer's own (``nanodit.train.setup`` + ``train_step``: bf16 autocast forward, flow loss, backward,
 clipping, the guarded fused AdamW, the EMA) at the production shape (32 x 1024, 16 heads, ``configs/production.yaml``)
