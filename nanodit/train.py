@@ -17,12 +17,13 @@ writes the run folder's records and validates, every rank checkpoints and resume
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,6 @@ from nanodit.signals import GracefulStop, Interrupted, signal_name
 from nanodit.step_graph import StepGraphs
 from nanodit.tracing import StepProfiler
 from nanodit.validation import Validator, read_val_samples, write_final
-from nanodit.validation.metrics import import_heavy
 from nanodit.validation.report import decision_lines
 
 log = logging.getLogger("nanodit.train")  # by name: under python -m nanodit.train, __name__ is __main__
@@ -80,6 +80,26 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The training thread
+# gives the GIL up at every torch call and asks for it back microseconds later; while a worker thread runs
+# Python (the validation report's plots, the TensorBoard images, pickling a checkpoint, the background
+# imports), each of those asks can wait the whole interval, and a step that makes dozens of calls falls behind
+# the GPU. At 0.1 ms, 30 tiny torch calls beside a busy Python thread took 1.3-2.5 ms instead of 5-70 ms (CPU
+# probe, bench/results/README.md "GIL"); the worker thread runs ~15% slower.
+GIL_SWITCH_S = 1e-4
+
+
+@contextlib.contextmanager
+def gil_switch_interval(seconds: float = GIL_SWITCH_S) -> Iterator[None]:
+    """``sys.setswitchinterval(seconds)`` for the block, the previous interval restored after it."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> dict:
     """Run a training job described by ``cfg``. Returns a summary dict (also written as summary.json).
 
@@ -90,6 +110,7 @@ def train(cfg: Config, quiet: bool = False, stop_after: int | None = None) -> di
     ensure_configured()
     stages = Stages()
     with (
+        gil_switch_interval(),  # the step's launches first, whatever the worker threads are doing
         distributed.session(cfg, agreed=(Interrupted, TrainError)) as dist,
         GracefulStop(grace_s=2.0 if dist.world > 1 else 0.0) as stop,
         quieted(
@@ -292,10 +313,7 @@ def _build(cfg: Config, manifest: dict, data_root: Path, dist: distributed.Dist)
     validator = None
     if (cfg.val.every or cfg.val.at_end) and dist.is_main:
         _, val_groups = read_val_samples(data_root, cfg.val.samples, cfg.data.on_error)
-        validator = Validator(cfg, manifest, val_groups, device)
-        # its metrics' and plots' modules load while the run trains (seconds of a cold start otherwise)
-        validator.imports = threading.Thread(target=import_heavy, name="nanodit-imports", daemon=True)
-        validator.imports.start()
+        validator = Validator(cfg, manifest, val_groups, device)  # its heavy imports start in the loop
     return model, fwd, generators, optim, ema, validator
 
 
@@ -449,6 +467,8 @@ def _steps(run: Run, stop: GracefulStop, stop_after: int | None) -> bool:
         t0 = time.perf_counter()
         lr, gnorm = train_step(run)
         run.stages.step(run.shape, time.perf_counter() - t0)
+        if run.validator is not None and run.step >= IMPORTS_AT_STEP:
+            run.validator.start_imports()  # once; the GPU steps hide it
         if run.step % t.log_every == 0 or run.step == t.steps:
             log_step(run, lr, gnorm)
         if run.bar is not None:
@@ -473,6 +493,13 @@ def _steps(run: Run, stop: GracefulStop, stop_after: int | None) -> bool:
                 validate_shared(run)
             run.window.t0 = time.perf_counter()
     return True
+
+
+# The step after which the validation's heavy modules (metrics, plots) are imported in a worker thread. Not
+# earlier: the warm-up (Triton's JIT, the graph captures) is Python on the training thread too, and two Python
+# threads share one GIL, so an import beside it only moves seconds between them; at speed the training thread
+# mostly waits for the GPU. The shapes world meets its 8 batch shapes within ~10 steps (an epoch is ~7).
+IMPORTS_AT_STEP = 30
 
 
 def _open_records(run: Run) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
+import nanodit.train as train_mod
 from nanodit.config import load_config
-from nanodit.train import TrainError, main, train
+from nanodit.train import GIL_SWITCH_S, TrainError, main, train
 
 
 def smoke_cfg(tmp_path, *overrides):
@@ -182,3 +184,54 @@ def test_compile_dynamic_compiles_the_block_once_for_every_shape(tmp_path):
     assert summary["stages_s"]["shapes"] >= 3 and frames == 1, (summary["stages_s"]["shapes"], frames)
     want, got = losses(tmp_path / "e" / "run"), losses(tmp_path / "d" / "run")
     assert max(abs(a - b) / a for a, b in zip(got, want)) < 1e-4, (got, want)
+
+
+def test_the_loop_runs_with_the_short_gil_switch_interval_and_restores_it(tmp_path, monkeypatch):
+    """Worker threads (reports, checkpoint pickling) must not hold the GIL for Python's default 5 ms while the
+    training thread waits to launch its next call: the loop runs at GIL_SWITCH_S, the caller's interval comes back
+    after, also when the run fails."""
+    seen = []
+    inner = train_mod.loop
+
+    def spy(run, stop, stop_after=None):
+        seen.append(sys.getswitchinterval())
+        return inner(run, stop, stop_after)
+
+    monkeypatch.setattr(train_mod, "loop", spy)
+    before = sys.getswitchinterval()
+    train(smoke_cfg(tmp_path, "train.steps=2", "model.size=tiny"), quiet=True)
+    assert seen == [pytest.approx(GIL_SWITCH_S)]
+    assert sys.getswitchinterval() == before
+
+    def boom(run, stop, stop_after=None):
+        raise TrainError("planted")
+
+    monkeypatch.setattr(train_mod, "loop", boom)
+    with pytest.raises(TrainError):
+        train(smoke_cfg(tmp_path / "b", "train.steps=2", "model.size=tiny"), quiet=True)
+    assert sys.getswitchinterval() == before
+
+
+def test_the_validation_imports_start_once_the_steps_run_at_speed(tmp_path, monkeypatch):
+    """The heavy validation imports go to a worker thread after IMPORTS_AT_STEP steps (not beside the warm-up,
+    whose Python would share the GIL with them), once, and the run still validates at the end."""
+    from nanodit.validation.validator import Validator
+
+    steps, started = [], []
+    inner_step, inner_start = train_mod.train_step, Validator.start_imports
+
+    def count_step(run):
+        steps.append(run.step)
+        return inner_step(run)
+
+    def spy(self):
+        started.append(len(steps))
+        inner_start(self)
+
+    monkeypatch.setattr(train_mod, "train_step", count_step)
+    monkeypatch.setattr(Validator, "start_imports", spy)
+    n = train_mod.IMPORTS_AT_STEP + 3
+    cfg = smoke_cfg(tmp_path, f"train.steps={n}", "model.size=tiny", "val.at_end=true", "val.samples=2")
+    summary = train(cfg, quiet=True)
+    assert started[0] == train_mod.IMPORTS_AT_STEP and len(started) == n - train_mod.IMPORTS_AT_STEP + 1
+    assert summary["report"]["decision"] in ("GO", "NO-GO", "INCOMPLETE")

@@ -32,7 +32,7 @@ from nanodit.provenance import code_version
 from nanodit.runlog import timed
 from nanodit.validation.cases import has_scenes, select_cases
 from nanodit.validation.criteria import build_criteria, decide, warnings_for
-from nanodit.validation.metrics import loss_ratio, read_loss_bins, read_loss_log
+from nanodit.validation.metrics import import_heavy, loss_ratio, read_loss_bins, read_loss_log
 from nanodit.validation.sampling import condition_effect, generate
 from nanodit.validation.scoring import score_cases
 from nanodit.validation.selftest import FAULTS, planted, summarize
@@ -101,7 +101,16 @@ class Validator:
         self.background_timing: dict[str, float] = {}  # seconds the worker thread spent writing (all runs)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future] | None = None  # (step, its background write)
-        self.imports: threading.Thread | None = None  # the trainer's background import of metrics and plots
+        self.imports: threading.Thread | None = (
+            None  # the background import of metrics and plots (start_imports)
+        )
+
+    def start_imports(self) -> None:
+        """Import the metrics' and plots' modules (``import_heavy``) in a daemon thread, once: the trainer calls
+        this when its steps run at speed, so the first validation does not wait for them."""
+        if self.imports is None:
+            self.imports = threading.Thread(target=import_heavy, name="nanodit-imports", daemon=True)
+            self.imports.start()
 
     def _timed(self, part: str) -> contextlib.AbstractContextManager[None]:
         return timed(self.timing, self._prefix + part)
