@@ -10,7 +10,9 @@ Each wall time is measured around the process. The stages come from the run's ``
 ``nanodit.runlog.Stages``); ``startup`` is the process wall time less the trainer's own total, split into
 ``launch`` (process start to ``train()``: interpreter, imports, config; read by the trainer from ``/proc``) and
 ``exit`` (after the summary: interpreter shutdown, worker pools). ``trainer_ms_per_step`` is the median ``ms_per_step`` of the warm run's log rows in the second
-half of training (compiled, at speed). With ``--bench VARIANT`` the step benchmark (``bench/bench_step.py``) runs
+half of training (compiled, at speed); ``train_mean_ms_per_step`` is the ``train`` stage over its steps (every
+step after a shape's warm-up calls, logging and the log rows' waits included: what the median hides), and
+``ms_per_step_rows`` every log row's ``[step, ms_per_step]``, to find the windows that ran slow. With ``--bench VARIANT`` the step benchmark (``bench/bench_step.py``) runs
 in the same sitting and its ms/step is written beside it (GPU only). The decision is the final report's.
 """
 
@@ -30,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # script mode: import nanodit from the repo
 
 from nanodit.provenance import code_version  # noqa: E402
+from nanodit.runlog import Stages  # noqa: E402
 
 
 def run_job(config: str | None, overrides: list[str], run_dir: Path, cache: Path) -> dict:
@@ -62,6 +65,17 @@ def at_speed_ms(rows: list[dict], steps: int) -> float | None:
     """Median ms/step of the log rows in the second half of training (compiled and warm)."""
     late = [r["ms_per_step"] for r in rows if "ms_per_step" in r and r.get("step", 0) > steps // 2]
     return round(statistics.median(late), 3) if late else None
+
+
+def train_mean_ms(stages: dict, steps: int) -> float | None:
+    """The ``train`` stage's seconds over its steps (those after each shape's ``Stages.WARM_CALLS`` warm-up calls)."""
+    n = steps - Stages.WARM_CALLS * stages.get("shapes", 0)
+    return round(1000 * stages["train"] / n, 3) if n > 0 else None
+
+
+def row_ms(rows: list[dict]) -> list[list[float]]:
+    """[[step, ms_per_step], ...] of the log rows that carry a speed."""
+    return [[r["step"], round(r["ms_per_step"], 3)] for r in rows if "ms_per_step" in r and "step" in r]
 
 
 def bench_ms(variant: str, cache: Path) -> float | None:
@@ -120,6 +134,13 @@ def result_of(args: argparse.Namespace, cold: dict, warm: dict | None, bench: fl
         "warm_wall_s": warm["wall_s"] if warm else None,
         "stages": {"cold": cold["stages"], "warm": warm["stages"] if warm else None},
         "trainer_ms_per_step": at_speed_ms((warm or cold)["rows"], s["steps"]),
+        "train_mean_ms_per_step": {
+            name: train_mean_ms(r["stages"], s["steps"]) if r else None
+            for name, r in (("cold", cold), ("warm", warm))
+        },
+        "ms_per_step_rows": {
+            name: row_ms(r["rows"]) if r else None for name, r in (("cold", cold), ("warm", warm))
+        },
         "bench_ms_per_step": bench,
         "bench_variant": args.bench,
         "decision": (s.get("report") or {}).get("decision"),

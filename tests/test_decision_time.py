@@ -56,3 +56,9 @@ def test_decision_time_writes_cold_and_warm_with_stages(tmp_path):
         assert sum(inside.values()) <= st["validation"]
     assert r["stages"]["cold"]["data"] > r["stages"]["warm"]["data"]  # the cold run writes the shapes set
     assert r["trainer_ms_per_step"] > 0
+    for run in ("cold", "warm"):
+        at_speed = 6 - Stages.WARM_CALLS * r["stages"][run]["shapes"]  # steps after every shape's warm-up
+        mean = r["train_mean_ms_per_step"][run]
+        assert (mean > 0) if at_speed > 0 else mean is None
+        assert [step for step, _ in r["ms_per_step_rows"][run]] == [2, 4, 6]
+        assert all(ms > 0 for _, ms in r["ms_per_step_rows"][run])
