@@ -144,11 +144,13 @@ class LossWindow:
         self.steps += 1
         self.samples += samples
 
-    def reset(self) -> None:
+    def reset(self, t0: float | None = None) -> None:
+        """Empty the window; the next one is timed from ``t0`` (the last row's reading: consecutive rows then
+        tile the loop, the logging between them included) or from now."""
         self.loss.zero_()
         self.bins.zero_()
         self.steps, self.samples, self.wait = 0, 0, 0.0
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     def state_dict(self) -> dict:
         return {
@@ -164,10 +166,13 @@ class LossWindow:
         self.steps, self.samples = int(state["steps"]), int(state["samples"])
 
 
-def log_row(window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: int) -> dict:
+def log_row(
+    window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: int, now: float | None = None
+) -> dict:
     """The metrics row of a log step: means over the window's finite steps (loss None if it had none), and
-    how many were not finite (only when some were: rows stay as they were otherwise)."""
-    elapsed = time.perf_counter() - window.t0
+    how many were not finite (only when some were: rows stay as they were otherwise). Its speed is timed
+    from ``window.t0`` to ``now`` (default: this call)."""
+    elapsed = (time.perf_counter() if now is None else now) - window.t0
     good = window.steps - len(bad)
     row = {
         "loss": window.loss.item() / good if good else None,
@@ -207,7 +212,8 @@ class Stages:
       torch.compile traces and compiles there, and CUDA graphs are recorded (their host time; the GPU work
       still queued from earlier steps is waited for only where a stage ends with a sync);
     - ``checkpoints``, ``validation``: their calls (each waits for the GPU as it reads the weights);
-    - ``train``: the rest of the loop (the steps at speed, logging, the GPU work the log rows wait for);
+    - ``train``: the rest of the loop (the steps at speed, logging, the GPU work the log rows wait for); its
+      parts ``log_wait`` (a log step's sync: the GPU's queue drains) and ``log_write`` (the row written);
     - ``other``: what is left of the total (resume, summary, closing records).
     Nothing here syncs the GPU; the step stays free of host syncs."""
 

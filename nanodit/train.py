@@ -578,13 +578,15 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
     """The log row of the window since the last one (the one host sync of a log interval), and what a
     non-finite step means under ``train.on_nonfinite``."""
     t, step = run.cfg.train, run.step
+    t_enter = time.perf_counter()
     run.writer.poll()  # a checkpoint write that failed in the background ends the run here
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     bad = distributed.merge_bad(run.dist, run.guard.read())  # the window's finite flags, in one transfer
     run.dist.reduce_window(run.window)  # several ranks: the window of the whole run
     run.nonfinite_total += len(bad)
-    row = log_row(run.window, bad, lr, gnorm, run.loader.state_dict()["epoch"], t.loss_bins)
+    epoch, now = run.loader.state_dict()["epoch"], time.perf_counter()
+    row = log_row(run.window, bad, lr, gnorm, epoch, t.loss_bins, now=now)
     if run.skipped and not run.rows_logged:
         row["data_skipped"] = run.skipped  # samples skipped by reason, in this process's first row
     run.rows_logged += 1
@@ -594,7 +596,9 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
     run.metrics.log(step, row)
     if run.bar is not None and row["loss"] is not None:
         run.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
-    run.window.reset()
+    run.window.reset(now)  # the next row's time starts where this one's ended: the rows tile the loop
+    # train_parts: the log steps' wait (the sync: the GPU's queue drains) and their writing (rows, TensorBoard)
+    run.stages.parts("train", {"log_wait": now - t_enter, "log_write": time.perf_counter() - now})
     if bad and t.on_nonfinite == "stop":
         kept = run.keep_apart(step, bad)
         run.close()

@@ -235,3 +235,18 @@ def test_the_validation_imports_start_once_the_steps_run_at_speed(tmp_path, monk
     summary = train(cfg, quiet=True)
     assert started[0] == train_mod.IMPORTS_AT_STEP and len(started) == n - train_mod.IMPORTS_AT_STEP + 1
     assert summary["report"]["decision"] in ("GO", "NO-GO", "INCOMPLETE")
+
+
+def test_the_log_rows_tile_the_loop_and_the_train_stage_says_what_logging_took(tmp_path):
+    # each row is timed from where the last one's timing ended, so the rows' step time adds up to the loop's
+    # (warm-up and train stages; no validation or checkpoint inside here), the logging between rows included
+    cfg = smoke_cfg(tmp_path, "train.steps=60", "train.log_every=10", "train.ckpt_every=1000")
+    summary = train(cfg, quiet=True)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    rows_s = sum(r["ms_per_step"] * 10 for r in rows) / 1000
+    st = summary["stages_s"]
+    loop_s = st["train"] + st["warmup"]
+    assert len(rows) == 6 and abs(rows_s - loop_s) <= 0.02 * loop_s + 0.01, (rows_s, loop_s)
+    parts = st["train_parts"]
+    assert set(parts) == {"log_wait", "log_write"} and all(v >= 0 for v in parts.values())
+    assert 0 < parts["log_wait"] + parts["log_write"] < st["train"]
