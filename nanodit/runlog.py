@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,13 +103,28 @@ class MetricsLogger:
         self.dropped = truncate_metrics(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.tb = None
+        self._media = None
+        # purge_step: events at or after it (logged by a run that was killed later) are dropped
+        self._purge = start_step + 1 if start_step else None
+        self._lock = threading.Lock()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: events at or after it (logged by a run that was killed later) are dropped
-            self.tb = SummaryWriter(
-                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
-            )
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self._purge)
+
+    def media(self):  # -> SummaryWriter | None (torch.utils.tensorboard is imported only where it is used)
+        """The TensorBoard writer for the validation's images and text, or None without TensorBoard: a second
+        event file in the same folder, with its own queue, lock and writer thread, so that a background
+        validation writing and flushing megabytes of PNGs never holds up the training thread's scalars
+        (sharing one writer stalled a log row 1.1-1.7 s after each validation on an H200)."""
+        if self.tb is None:
+            return None
+        with self._lock:
+            if self._media is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._media = SummaryWriter(self.tb.log_dir, purge_step=self._purge, filename_suffix=".media")
+            return self._media
 
     def log(self, step: int, metrics: dict) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -124,8 +140,9 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for writer in (self.tb, self._media):
+            if writer is not None:
+                writer.close()
 
 
 class LossWindow:

@@ -178,6 +178,39 @@ def test_log_metrics_scalars_images_and_text(tmp_path) -> None:
     assert "NO-GO" in text.tensor_proto.string_val[0].decode()
 
 
+def test_the_images_go_to_their_own_event_file_and_tensorboard_reads_both(tmp_path) -> None:
+    """With the trainer's MetricsLogger the grids and the text go through ``media()`` (a second writer: a
+    background validation's PNGs never hold up the training thread's scalars); TensorBoard reads the one
+    folder and finds the scalars and the images, each event file holding its own kind."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nanodit.runlog import MetricsLogger
+
+    res = fake_result(100, 0.1)
+    out = report.write_report(tmp_path / "report", res, images())
+    m = MetricsLogger(tmp_path, tensorboard=True)
+    assert m.media() is m.media() and m.media() is not m.tb
+    m.log(10, {"loss": 0.5})
+    report.log_metrics(m, 100, res, out)
+    m.close()
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2 and sum(f.name.endswith(".media") for f in files) == 1
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert {"loss", "val/lpips"} <= set(acc.Tags()["scalars"])
+    assert set(acc.Tags()["images"]) == {"val/recon", "val/dino_swap", "val/text_manip"}
+    (shown,) = acc.Images("val/recon")
+    assert shown.encoded_image_string == (out / "recon.png").read_bytes()
+    media = EventAccumulator(
+        str(next(f for f in files if f.name.endswith(".media"))), size_guidance={"images": 0}
+    )
+    media.Reload()
+    assert media.Tags()["scalars"] == [] and len(media.Tags()["images"]) == 3
+    plain = MetricsLogger(tmp_path / "report", tensorboard=False)
+    assert plain.media() is None
+    plain.close()
+
+
 def test_report_explains_itself(tmp_path) -> None:
     """Diagnoses and loud warnings come first, then the criteria with intervals, the self-test table, the run's
     identity and the per-t plots; verdicts are coloured in the HTML; decision_lines prints the decision once."""

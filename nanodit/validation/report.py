@@ -621,7 +621,8 @@ def log_scores(metrics, step: int, result: dict) -> None:
 
 def log_media(metrics, step: int, result: dict, out_dir: Path) -> None:
     """The grids (``out_dir``'s PNGs) and the decision text to TensorBoard, when the run writes it."""
-    tb = getattr(metrics, "tb", None)
+    media = getattr(metrics, "media", None)  # MetricsLogger.media: a writer apart from the scalars'
+    tb = media() if callable(media) else getattr(metrics, "tb", None)
     if tb is None:
         return
     for test, name in GRID_FILES.items():
