@@ -85,7 +85,7 @@ def default_run_dir() -> Path:
 # Python (the validation report's plots, the TensorBoard images, pickling a checkpoint, the background
 # imports), each of those asks can wait the whole interval, and a step that makes dozens of calls falls behind
 # the GPU. At 0.1 ms, 30 tiny torch calls beside a busy Python thread took 1.3-2.5 ms instead of 5-70 ms (CPU
-# probe, bench/results/README.md "GIL"); the worker thread runs ~15% slower.
+# probe; 0.10 -> 365 ms at 5 ms on an H200 host: bench/results/h200-2026-12-03/); the worker thread runs ~15% slower.
 GIL_SWITCH_S = 1e-4
 
 
