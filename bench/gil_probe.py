@@ -17,8 +17,14 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # script mode: import nanodit from the repo
+
+import torch  # noqa: E402
+
+from nanodit.train import gil_switch_interval  # noqa: E402
 
 INTERVALS = (5e-3, 1e-3, 1e-4, 5e-5)
 
@@ -59,28 +65,23 @@ class Busy:
 
 
 def probe(calls: int, repeats: int) -> dict:
-    before = sys.getswitchinterval()
     out: dict = {"calls": calls, "repeats": repeats, "torch": torch.__version__}
-    try:
-        median, mean = loop_ms(calls, repeats)
-        out["alone"] = {"median_ms": median, "mean_ms": mean}
-        with Busy() as b:
-            time.sleep(1.0)
-        out["worker_alone_iters_per_s"] = b.count
-        out["beside_worker"] = {}
-        for interval in INTERVALS:
-            sys.setswitchinterval(interval)
-            with Busy() as b:
-                t0 = time.perf_counter()
-                median, mean = loop_ms(calls, repeats)
-                dt = time.perf_counter() - t0
-            out["beside_worker"][str(interval)] = {
-                "median_ms": median,
-                "mean_ms": mean,
-                "worker_iters_per_s": round(b.count / dt),
-            }
-    finally:
-        sys.setswitchinterval(before)
+    median, mean = loop_ms(calls, repeats)
+    out["alone"] = {"median_ms": median, "mean_ms": mean}
+    with Busy() as b:
+        time.sleep(1.0)
+    out["worker_alone_iters_per_s"] = b.count
+    out["beside_worker"] = {}
+    for interval in INTERVALS:
+        with gil_switch_interval(interval), Busy() as b:
+            t0 = time.perf_counter()
+            median, mean = loop_ms(calls, repeats)
+            dt = time.perf_counter() - t0
+        out["beside_worker"][str(interval)] = {
+            "median_ms": median,
+            "mean_ms": mean,
+            "worker_iters_per_s": round(b.count / dt),
+        }
     return out
 
 

@@ -14,6 +14,7 @@ and their mean, max and total ms. CPU only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from nanodit.runlog import MetricsLogger  # noqa: E402
-from nanodit.train import GIL_SWITCH_S  # noqa: E402
+from nanodit.train import GIL_SWITCH_S, gil_switch_interval  # noqa: E402
 from nanodit.validation.report import tb_png  # noqa: E402
 
 ROW = {
@@ -53,8 +54,6 @@ def grids(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
 
 def variant(folder: Path, pngs: list[Path], separate: bool, interval: float, rounds: int) -> dict:
     folder.mkdir(parents=True)
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(interval)
     m = MetricsLogger(folder, tensorboard=True)
     media = m.media() if separate else m.tb
 
@@ -67,7 +66,7 @@ def variant(folder: Path, pngs: list[Path], separate: bool, interval: float, rou
 
     worker = threading.Thread(target=background)
     waits, step = [], 0
-    try:
+    with gil_switch_interval(interval), contextlib.closing(m):
         worker.start()
         while worker.is_alive():
             t0 = time.perf_counter()
@@ -76,9 +75,6 @@ def variant(folder: Path, pngs: list[Path], separate: bool, interval: float, rou
             step += 1
             time.sleep(0.016)
         worker.join()
-    finally:
-        m.close()
-        sys.setswitchinterval(before)
     return {
         "rows": len(waits),
         "mean_ms": round(1e3 * statistics.fmean(waits), 3),

@@ -183,13 +183,11 @@ class LossWindow:
         self.steps, self.samples = int(state["steps"]), int(state["samples"])
 
 
-def log_row(
-    window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: int, now: float | None = None
-) -> dict:
+def log_row(window: LossWindow, bad: list, lr: float, gnorm, epoch: int, bins: int, now: float) -> dict:
     """The metrics row of a log step: means over the window's finite steps (loss None if it had none), and
     how many were not finite (only when some were: rows stay as they were otherwise). Its speed is timed
-    from ``window.t0`` to ``now`` (default: this call)."""
-    elapsed = (time.perf_counter() if now is None else now) - window.t0
+    from ``window.t0`` to ``now`` (a ``time.perf_counter()`` reading)."""
+    elapsed = now - window.t0
     good = window.steps - len(bad)
     row = {
         "loss": window.loss.item() / good if good else None,

@@ -586,7 +586,7 @@ def log_step(run: Run, lr: float, gnorm: torch.Tensor | None) -> None:
     run.dist.reduce_window(run.window)  # several ranks: the window of the whole run
     run.nonfinite_total += len(bad)
     epoch, now = run.loader.state_dict()["epoch"], time.perf_counter()
-    row = log_row(run.window, bad, lr, gnorm, epoch, t.loss_bins, now=now)
+    row = log_row(run.window, bad, lr, gnorm, epoch, t.loss_bins, now)
     if run.skipped and not run.rows_logged:
         row["data_skipped"] = run.skipped  # samples skipped by reason, in this process's first row
     run.rows_logged += 1

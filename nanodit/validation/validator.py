@@ -101,9 +101,8 @@ class Validator:
         self.background_timing: dict[str, float] = {}  # seconds the worker thread spent writing (all runs)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future] | None = None  # (step, its background write)
-        self.imports: threading.Thread | None = (
-            None  # the background import of metrics and plots (start_imports)
-        )
+        # the background import of metrics and plots (start_imports)
+        self.imports: threading.Thread | None = None
 
     def start_imports(self) -> None:
         """Import the metrics' and plots' modules (``import_heavy``) in a daemon thread, once: the trainer calls
