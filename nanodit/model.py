@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nanodit.attention import attention
-from nanodit.kernels import get_ops
+from nanodit.kernels import branch_dtype, get_ops
 
 # ---------------------------------------------------------------------------------------------
 # embedders
@@ -68,7 +68,9 @@ class TimestepEmbedder(nn.Module):
 
 class Linear(nn.Linear):
     """``nn.Linear`` (the same parameters and state_dict keys) through ``ops.linear``: for the layers applied to
-    every token, where the fused ops take the bias gradient as one matrix-vector product."""
+    every token, where the fused ops take the bias gradient as one matrix-vector product, and the adaLN layers.
+    Under autocast these layers take their 16-bit weights from one pass at the start of the model's forward
+    (``ops.autocast_weights``)."""
 
     def __init__(self, d_in: int, d_out: int, ops: SimpleNamespace | None = None):
         super().__init__(d_in, d_out)
@@ -140,7 +142,7 @@ class DiTBlock(nn.Module):
         self.norm_cross = nn.LayerNorm(width, eps=1e-6)
         self.cross = CrossAttention(width, heads, backend, ops)
         self.mlp = Mlp(width, int(width * mlp_ratio), width, nn.GELU(approximate="tanh"), ops)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(width, 6 * width, ops))
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor
@@ -159,7 +161,7 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, patch: int, out_channels: int, ops: SimpleNamespace):
         super().__init__()
         self.ops = ops
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(width, 2 * width, ops))
         self.linear = Linear(width, patch * patch * out_channels, ops)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -204,6 +206,8 @@ class NanoDiT(nn.Module):
         )
         self.final = FinalLayer(width, patch, in_channels, self.ops)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        # the ops' linear layers take their autocast weight copies from one pass at the start of each forward
+        self._linears = [m for m in self.modules() if isinstance(m, Linear)]
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -265,7 +269,7 @@ class NanoDiT(nn.Module):
 
     def caption(self, t5, t5_mask, drop_text) -> tuple[torch.Tensor, torch.Tensor]:
         """Project T5 states; dropped captions become the learned null sequence. -> (B, L', D), (B, L')."""
-        y = self.caption_embed(t5.to(self.null_text.dtype))  # (B, L, D)
+        y = self.caption_embed(t5.to(branch_dtype(t5, self.null_text.dtype)))  # (B, L, D)
         mask = t5_mask.bool()  # (B, L)
         if drop_text is not None:
             n = self.null_text.shape[0]
@@ -290,6 +294,12 @@ class NanoDiT(nn.Module):
         drop_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W), t (B,), dino (B, Dd), t5 (B, L, Dt), t5_mask (B, L) -> v (B, C, H, W)."""
+        if torch.compiler.is_compiling():  # Inductor casts the weights in its own kernels
+            return self._forward(x, t, dino, t5, t5_mask, drop_dino, drop_text)
+        with self.ops.autocast_weights(self._linears):
+            return self._forward(x, t, dino, t5, t5_mask, drop_dino, drop_text)
+
+    def _forward(self, x, t, dino, t5, t5_mask, drop_dino, drop_text) -> torch.Tensor:
         B, C, H, W = x.shape
         p = self.patch
         h = self.patchify(x) + self.pos_embed(H // p, W // p, x.device)[None].to(x.dtype)  # (B, T, D)

@@ -7,12 +7,16 @@ Importing this package does not import Triton either: the Triton modules (``adal
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 
+import torch.nn as nn
 import torch.nn.functional as F
 
 from nanodit.kernels.ref import (
     adaln_modulate_ref,
+    branch_dtype,
     flow_loss_ref,
     gated_residual_layer_norm_ref,
     gated_residual_ref,
@@ -21,18 +25,27 @@ from nanodit.kernels.ref import (
 
 __all__ = [
     "adaln_modulate_ref",
+    "branch_dtype",
     "flow_loss_ref",
     "gated_residual_layer_norm_ref",
     "gated_residual_ref",
     "residual_adaln_modulate_ref",
     "get_ops",
+    "no_weight_casts",
 ]
+
+
+@contextlib.contextmanager
+def no_weight_casts(layers: Sequence[nn.Linear]) -> Iterator[None]:
+    """The ref ops' stand-in for ``linear.autocast_weights``: autocast casts each layer's weights itself."""
+    yield
 
 
 def get_ops(name: str) -> SimpleNamespace:
     """The op set behind ``model.kernels``: modulate, gated_residual, residual_modulate, residual_norm (the
     gated residual and the cross-attention's affine LayerNorm), linear (the token-wise linear layers: ``F.linear``
-    with the bias gradient as one matrix-vector product), flow_loss."""
+    with the bias gradient as one matrix-vector product), autocast_weights (a context in which those layers take
+    their autocast weight copies from one pass), flow_loss."""
     if name == "ref":
         return SimpleNamespace(
             modulate=adaln_modulate_ref,
@@ -40,6 +53,7 @@ def get_ops(name: str) -> SimpleNamespace:
             residual_modulate=residual_adaln_modulate_ref,
             residual_norm=gated_residual_layer_norm_ref,
             linear=F.linear,
+            autocast_weights=no_weight_casts,
             flow_loss=flow_loss_ref,
         )
     if name == "triton":
@@ -50,7 +64,7 @@ def get_ops(name: str) -> SimpleNamespace:
                 residual_adaln_modulate,
             )
             from nanodit.kernels.flow_loss import flow_loss
-            from nanodit.kernels.linear import linear
+            from nanodit.kernels.linear import autocast_weights, linear
             from nanodit.kernels.residual import gated_residual
         except ImportError as e:  # no triton package on this machine
             raise ValueError(f"model.kernels=triton needs the triton package ({e}); use kernels=ref") from e
@@ -60,6 +74,7 @@ def get_ops(name: str) -> SimpleNamespace:
             residual_modulate=residual_adaln_modulate,
             residual_norm=gated_residual_layer_norm,
             linear=linear,
+            autocast_weights=autocast_weights,
             flow_loss=flow_loss,
         )
     raise ValueError(f"model.kernels={name!r} is not one of ref, triton")

@@ -5,7 +5,8 @@
 
 x, y (B, T, D), any float dtype, any B/T strides; shift, scale, gate (B, D), e.g. ``chunk()`` slices of
 one (B, 6D) adaLN output. LayerNorm has no affine and eps 1e-6; statistics and sums are fp32; outputs
-are in the input dtype. Eager calls run an ``autograd.Function``; under torch.compile the same code is a
+are in the input dtype, except h under autocast in eager calls: it is stored in the autocast dtype, the dtype the
+linear layer that reads it casts it to (``ref.branch_dtype``; the twins do the same). Eager calls run an ``autograd.Function``; under torch.compile the same code is a
 ``torch.library`` op with autograd (a triton op on a GPU, a custom op under the interpreter; see
 ``doors.CompileDoors``), traced without a graph break. CPU tensors run through Triton's interpreter
 (``TRITON_INTERPRET=1``).
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 
 from nanodit.kernels import checks, doors, grid, reduce, tiling
-from nanodit.kernels.ref import LN_EPS, adaln_modulate_ref, residual_adaln_modulate_ref
+from nanodit.kernels.ref import LN_EPS, adaln_modulate_ref, branch_dtype, residual_adaln_modulate_ref
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref", "residual_adaln_modulate", "residual_adaln_modulate_ref"]
 
@@ -208,13 +209,18 @@ def _new_stats(B: int, T: int, device: torch.device) -> torch.Tensor:
 
 
 def _modulate_fwd(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, traced: bool = False
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    traced: bool = False,
+    h_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> h (B, T, D), stats (2, B, T) fp32 (the rows' mean and rstd, kept for the backward)."""
+    """-> h (B, T, D) in h_dtype (default x's), stats (2, B, T) fp32 (the rows' mean and rstd, kept for the
+    backward)."""
     checks.check_device(_modulate_fwd_kernel, x, shift, scale)
     x, shift, scale = checks.rows3d(x), checks.rows2d(shift), checks.rows2d(scale)
     B, T, D = x.shape
-    h = torch.empty((B, T, D), dtype=x.dtype, device=x.device)
+    h = torch.empty((B, T, D), dtype=h_dtype or x.dtype, device=x.device)
     stats = _new_stats(B, T, x.device)
     block_d, rows, warps = tiling.row_config(
         D, bwd=False, interpreted=checks.is_interpreted(_modulate_fwd_kernel)
@@ -262,8 +268,10 @@ def _residual_modulate_fwd(
     shift: torch.Tensor,
     scale: torch.Tensor,
     traced: bool = False,
+    h_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> x_new, h (B, T, D), stats (2, B, T) fp32 (mean and rstd of x_new's rows)."""
+    """-> x_new, h (B, T, D) (h in h_dtype, default x_new's), stats (2, B, T) fp32 (mean and rstd of x_new's
+    rows)."""
     checks.check_device(_residual_modulate_fwd_kernel, x, y, gate, shift, scale)
     x, y, shift, scale = checks.rows3d(x), checks.rows3d(y), checks.rows2d(shift), checks.rows2d(scale)
     gate = None if gate is None else checks.rows2d(gate)
@@ -272,7 +280,7 @@ def _residual_modulate_fwd(
         x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
     )
     xn = torch.empty((B, T, D), dtype=dtype, device=x.device)
-    h = torch.empty((B, T, D), dtype=dtype, device=x.device)
+    h = torch.empty((B, T, D), dtype=h_dtype or dtype, device=x.device)
     stats = _new_stats(B, T, x.device)
     block_d, rows, warps = tiling.row_config(
         D, bwd=False, interpreted=checks.is_interpreted(_modulate_fwd_kernel)
@@ -354,7 +362,7 @@ def _modulate_backward(ctx, dh, _dstats, bwd):
 class _Modulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale):
-        h, stats = _modulate_fwd(x, shift, scale)
+        h, stats = _modulate_fwd(x, shift, scale, h_dtype=branch_dtype(x))
         _modulate_setup(ctx, (x, shift, scale), (h, stats))
         return h
 
@@ -381,7 +389,11 @@ def _residual_modulate_backward(ctx, dxn, dh, _dstats, bwd):
 class _ResidualModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale):
-        xn, h, stats = _residual_modulate_fwd(x, y, gate, shift, scale)
+        dtype = torch.promote_types(
+            x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
+        )
+        h_dtype = branch_dtype(x, dtype)
+        xn, h, stats = _residual_modulate_fwd(x, y, gate, shift, scale, h_dtype=h_dtype)
         _residual_modulate_setup(ctx, (x, y, gate, shift, scale), (xn, h, stats))
         return xn, h
 
@@ -491,7 +503,7 @@ def gated_residual_layer_norm(
     """``gated_residual_layer_norm_ref`` in one pass: an affine LayerNorm is adaLN modulation with the same
     shift (``bias``) and scale (``weight - 1``) for every sample, so x' = x + gate[b] * y and its LayerNorm come
     from ``residual_adaln_modulate`` (the parameters' gradients: the per-sample ones summed over the batch by
-    ``expand``'s backward). h is in x's dtype (the reference's is fp32 under autocast)."""
+    ``expand``'s backward). h is in ``branch_dtype``, as the reference's."""
     B, D = x.shape[0], x.shape[-1]
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(

@@ -12,11 +12,24 @@ import torch.nn.functional as F
 LN_EPS = 1e-6
 
 
+def branch_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of a branch input h made from x (modulated or normalised): under autocast, outside torch.compile,
+    the autocast dtype, which is what the linear layer reading h casts it to (the op then stores h once in that
+    dtype instead of writing fp32 for the layer to cast: the same values, less traffic and no cast kernel);
+    otherwise ``dtype`` (default x's). Inside a torch.compile trace h keeps that dtype (Inductor fuses the layer's
+    cast)."""
+    dev = x.device.type
+    if torch.compiler.is_compiling() or not torch.is_autocast_enabled(dev):
+        return dtype or x.dtype
+    return torch.get_autocast_dtype(dev)
+
+
 def adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """y = LayerNorm(x) * (1 + scale[b]) + shift[b], in x's dtype."""
+    """y = LayerNorm(x) * (1 + scale[b]) + shift[b], in x's dtype (under autocast the autocast dtype:
+    ``branch_dtype``)."""
     h = F.layer_norm(x.float(), (x.shape[-1],), eps=LN_EPS)  # (B, T, D)
     y = h * (1 + scale.float()[:, None, :]) + shift.float()[:, None, :]  # (B, T, D)
-    return y.to(x.dtype)
+    return y.to(branch_dtype(x))
 
 
 def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -40,9 +53,11 @@ def gated_residual_layer_norm_ref(
     x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-LN of the cross-attention after the self-attention's residual: x' = x + gate[b] * y,
-    h = LayerNorm(x') * weight + bias (an affine LayerNorm, eps=1e-6: ``nn.LayerNorm(D, eps=1e-6)``)."""
+    h = LayerNorm(x') * weight + bias (an affine LayerNorm, eps=1e-6: ``nn.LayerNorm(D, eps=1e-6)``); h in
+    ``branch_dtype(x')`` (autocast's LayerNorm computes it in fp32, the next linear layer casts it)."""
     x_new = gated_residual_ref(x, gate, y)  # (B, T, D)
-    return x_new, F.layer_norm(x_new, (x.shape[-1],), weight, bias, LN_EPS)
+    h = F.layer_norm(x_new, (x.shape[-1],), weight, bias, LN_EPS)  # (B, T, D)
+    return x_new, h.to(branch_dtype(x_new))
 
 
 def flow_loss_ref(

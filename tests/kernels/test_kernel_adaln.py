@@ -116,3 +116,86 @@ def test_unused_output_gets_zero_gradient():
     (gx,) = torch.autograd.grad(residual_adaln_modulate(x, y, None, shift, scale)[1].square().sum(), [x])
     (rx,) = torch.autograd.grad(residual_adaln_modulate_ref(x, y, None, shift, scale)[1].square().sum(), [x])
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-5)
+
+
+def _branch_ops():
+    """(name, fast, ref, args builder) for the three ops that make a branch input h."""
+
+    def modulate_args(B, T, D):
+        x = make_rows(B, T, D, torch.float32, "contig", loc=1.5)
+        return (x, *make_vecs(B, D, 2, torch.bfloat16, True))
+
+    def residual_args(B, T, D):
+        x = make_rows(B, T, D, torch.float32, "contig", loc=0.5)
+        y = make_rows(B, T, D, torch.bfloat16, "contig")
+        shift, scale, gate = make_vecs(B, D, 3, torch.bfloat16, True)
+        return (x, y, gate, shift, scale)
+
+    def layer_norm_args(B, T, D):
+        x = make_rows(B, T, D, torch.float32, "contig", loc=0.5)
+        y = make_rows(B, T, D, torch.bfloat16, "contig")
+        (gate,) = make_vecs(B, D, 1, torch.bfloat16, True)
+        return (x, gate, y, 1 + 0.5 * torch.randn(D, device=DEVICE), 0.5 * torch.randn(D, device=DEVICE))
+
+    return [
+        ("modulate", adaln_modulate, adaln_modulate_ref, modulate_args),
+        ("residual_modulate", residual_adaln_modulate, residual_adaln_modulate_ref, residual_args),
+        ("residual_layer_norm", gated_residual_layer_norm, gated_residual_layer_norm_ref, layer_norm_args),
+    ]
+
+
+def test_ref_twins_store_h_in_the_autocast_dtype():
+    """Under autocast the twins return h in the autocast dtype (the dtype the next linear layer casts it to), equal
+    to the value without autocast cast once; the residual stream keeps its dtype (CPU bf16 autocast)."""
+    seed = fresh_seed()
+    for name, _, ref, make in _branch_ops():
+        args = make(2, 9, 64)
+        plain = ref(*args)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            auto = ref(*args)
+        plain, auto = (
+            (plain,) if torch.is_tensor(plain) else plain,
+            (auto,) if torch.is_tensor(auto) else auto,
+        )
+        h_plain, h_auto = plain[-1], auto[-1]
+        assert h_auto.dtype == torch.bfloat16, name
+        assert torch.equal(h_auto, h_plain.to(torch.bfloat16)), (
+            f"{name}: h is not the plain h cast (seed {seed})"
+        )
+        for p, a in zip(plain[:-1], auto[:-1]):
+            assert a.dtype == p.dtype and torch.equal(a, p), f"{name}: x_new changed (seed {seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 256, 384), (3, 257, 385), (1, 1, 1024)], ids=str)
+def test_branch_ops_under_autocast_match_the_twins(shape):
+    """fp32 residual stream, bf16 adaLN vectors and branch output, under bf16 autocast (the nano step): h comes out
+    in bf16, x_new and each gradient in its input's dtype. Against the twin on fp32 copies of the same values (so
+    that both do their arithmetic in fp32): h within one bf16 rounding (each rounds its fp32 value once), fp32
+    results within FP32_RTOL, bf16 results within two bf16 roundings, of the largest value."""
+    from kernel_cases import FP32_RTOL
+
+    seed = fresh_seed()
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, fast, ref, make in _branch_ops():
+        args = make(*shape)
+        results = []
+        for fn, dtype in ((fast, None), (ref, torch.float32)):
+            leaves = [a.detach().to(dtype or a.dtype).requires_grad_(True) for a in args]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(*leaves)
+            out = (out,) if torch.is_tensor(out) else out
+            gen = torch.Generator(device=DEVICE).manual_seed(seed)
+            cots = [torch.randn(o.shape, device=DEVICE, generator=gen).to(o.dtype) for o in out]
+            results.append((*out, *torch.autograd.grad(out, leaves, cots)))
+        n_out = len(results[0]) - len(args)
+        assert results[0][n_out - 1].dtype == torch.bfloat16, f"{name}: h is {results[0][n_out - 1].dtype}"
+        for a, g in zip(args, results[0][n_out:]):
+            assert g.dtype == a.dtype, f"{name}: a gradient in {g.dtype} for an input in {a.dtype}"
+        for i, (got, want) in enumerate(zip(*results)):
+            big = want.double().abs().max().item()
+            rtol = eps if i == n_out - 1 else (2 * eps if got.dtype == torch.bfloat16 else FP32_RTOL)
+            err = (got.double() - want.double()).abs().max().item()
+            assert err <= rtol * big + 1e-6, (
+                f"{name} {shape} output/grad {i}: {err:.3e} > {rtol * big:.3e} (seed {seed})"
+            )

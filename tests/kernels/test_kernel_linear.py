@@ -5,6 +5,8 @@ interpreter) fp32 shapes; on a GPU also bf16 / fp16 and under bf16 autocast.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +84,97 @@ def test_linear_without_bias_or_inside_compile_is_f_linear():
     assert torch.equal(linear(x, w, None), F.linear(x, w, None))
     with pytest.raises(RuntimeError):  # a wrong shape is F.linear's own error
         linear(x, torch.randn(4, 7, device=DEVICE), torch.zeros(4, device=DEVICE))
+
+
+def _layers(seed: int) -> list[torch.nn.Linear]:
+    torch.manual_seed(seed)
+    return [torch.nn.Linear(24, 40), torch.nn.Linear(40, 24), torch.nn.Linear(24, 7)]
+
+
+def _run_layers(layers, x, fn, casts: bool):
+    """x through the layers under CPU bf16 autocast, inside autocast_weights if casts; -> y, x.grad, param grads."""
+    from nanodit.kernels.linear import autocast_weights
+
+    for m in layers:
+        m.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = autocast_weights(layers) if casts else contextlib.nullcontext()
+        with ctx:
+            h = x
+            for m in layers:
+                h = fn(h, m.weight, m.bias)
+    h.float().square().sum().backward()
+    return [h, x.grad] + [t.grad for m in layers for t in (m.weight, m.bias)]
+
+
+def test_autocast_weights_match_autocasts_own_casts():
+    """Inside ``autocast_weights`` the layers' output and every gradient equal F.linear's under autocast bitwise
+    (CPU bf16 autocast: the copies are the same roundings autocast makes, one per weight)."""
+    seed = fresh_seed()
+    x = torch.randn(3, 5, 24)
+    got = _run_layers(_layers(seed), x, linear, casts=True)
+    want = _run_layers(_layers(seed), x, F.linear, casts=False)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"output/grad {i} differs (seed {seed})"
+
+
+def test_autocast_weights_make_no_per_layer_casts():
+    """The point of the copies: inside ``autocast_weights`` a layer's forward casts nothing (its input is already
+    bf16 after the first layer; weights and biases come from the one foreach copy); outside, two casts a layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nanodit.kernels.linear import autocast_weights
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    layers = _layers(fresh_seed())
+    x = torch.randn(2, 3, 24).to(torch.bfloat16)
+    counts = []
+    for casts in (True, False):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast_weights(layers) if casts else contextlib.nullcontext():
+                with Casts() as mode:
+                    h = x
+                    for m in layers:
+                        h = linear(h, m.weight, m.bias)
+        counts.append(mode.n)
+    assert counts == [0, 2 * len(layers)], counts
+
+
+def test_autocast_weights_copies_are_per_forward():
+    """Two forwards, then the first one's backward: each backward reads the copies of its own forward, taken
+    before the weights changed, exactly as autocast's own casts are kept."""
+    seed = fresh_seed()
+    layers = _layers(seed)
+    x = torch.randn(2, 4, 24)
+    from nanodit.kernels.linear import autocast_weights
+
+    outs = []
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16), autocast_weights(layers):
+            h = x
+            for m in layers:
+                h = linear(h, m.weight, m.bias)
+        outs.append(h)
+        with torch.no_grad():
+            for m in layers:
+                m.weight.mul_(1.5)
+    outs[0].float().sum().backward()
+    first = [m.weight.grad.clone() for m in layers]
+    ref_layers = _layers(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = x
+        for m in ref_layers:
+            h = F.linear(h, m.weight, m.bias)
+    h.float().sum().backward()
+    for i, (g, m) in enumerate(zip(first, ref_layers)):
+        assert torch.equal(g, m.weight.grad), f"layer {i}: the first backward read other copies (seed {seed})"
