@@ -52,9 +52,17 @@ def test_importing_the_package_does_not_import_the_kernels():
 
 
 def test_get_ops_triton_has_the_ref_fields():
-    """get_ops('triton') offers the same six ops as get_ops('ref'), each a fused op of its own."""
+    """get_ops('triton') offers the same seven ops as get_ops('ref'), each a fused op of its own."""
     fast, slow = vars(get_ops("triton")), vars(get_ops("ref"))
-    ops = {"modulate", "gated_residual", "residual_modulate", "residual_norm", "linear", "flow_loss"}
+    ops = {
+        "modulate",
+        "gated_residual",
+        "residual_modulate",
+        "residual_norm",
+        "linear",
+        "autocast_weights",
+        "flow_loss",
+    }
     assert fast.keys() == slow.keys() == ops
     assert fast["modulate"] is adaln.adaln_modulate and fast["flow_loss"] is flow_loss.flow_loss
     assert all(f is not slow[k] for k, f in fast.items())
