@@ -36,7 +36,10 @@ from nanodit.runlog import Stages  # noqa: E402
 
 
 def run_job(config: str | None, overrides: list[str], run_dir: Path, cache: Path) -> dict:
-    """One training job in a fresh process: {"wall_s", "stages", "summary", "rows"}; raises on failure."""
+    """One training job in a fresh process: {"wall_s", "stages", "summary", "rows"}; raises on failure. It runs in
+    REPO: ``python -m`` puts the working directory first on sys.path, ahead of PYTHONPATH, so from elsewhere it
+    would import whatever ``nanodit`` lies there (a baseline tree timed the checkout's code that way)."""
+    run_dir, cache = run_dir.resolve(), cache.resolve()
     env = {
         **os.environ,
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
@@ -47,7 +50,7 @@ def run_job(config: str | None, overrides: list[str], run_dir: Path, cache: Path
     cmd += ["--config", config] if config else []
     cmd += [*overrides, f"run.dir={run_dir}", f"data.cache_dir={cache / 'data'}", "run.progress=false"]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
