@@ -69,6 +69,19 @@ class StepGuard:
         self._steps.append(step)
         self._ids.append(list(ids))
 
+    def state_dict(self) -> dict:
+        """The flags not yet read (steps since the last log row), for a checkpoint: a bad step between a log
+        row and a checkpoint is then reported after a resume too. One transfer; a checkpoint reads the loss
+        window from the device anyway."""
+        bad = torch.stack(self._flags).cpu().tolist() if self._flags else []
+        return {"bad": bad, "steps": list(self._steps), "ids": [list(i) for i in self._ids]}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """The flags a checkpoint carried, read at the next log row as if no resume had been between."""
+        self._flags = [torch.tensor(bool(b), device=device) for b in state.get("bad", [])]
+        self._steps = [int(s) for s in state.get("steps", [])]
+        self._ids = [list(i) for i in state.get("ids", [])]
+
     def read(self) -> list[tuple[int, list[str]]]:
         """(step, batch ids) of the bad steps since the last read: one device transfer, at log time."""
         if not self._flags:

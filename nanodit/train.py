@@ -181,6 +181,7 @@ class Run:
                 "window": self.dist.window_state(self.window),
                 "first_loss": self.first_loss,
                 "nonfinite_steps": self.nonfinite_total,
+                "guard": self.guard.state_dict(),  # the bad-step flags since the last log row
             },
         }
 
@@ -517,6 +518,8 @@ def _open_records(run: Run) -> None:
     run.window = LossWindow(run.device, t.loss_bins)
     if "window" in run.book:
         run.dist.load_window(run.window, run.book["window"])
+    if "guard" in run.book:
+        run.guard.load_state_dict(run.book["guard"], run.device)
     first = run.book.get("first_loss", first_logged_loss(run.dir / "metrics.jsonl") if run.step else None)
     run.first_loss, run.nonfinite_total = first, int(run.book.get("nonfinite_steps", 0))
     run.prof = StepProfiler(run.dir / "profile", t.profile_start, t.profile_steps if main else 0, run.device)

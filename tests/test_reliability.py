@@ -480,6 +480,30 @@ def test_nonfinite_stop_keeps_the_state_apart_and_never_applies_the_step(tmp_pat
     assert rows(run)[0]["nonfinite_steps"] == 1 and rows(run)[0]["loss"] is not None
 
 
+def test_a_bad_step_before_a_checkpoint_is_still_reported_after_the_resume(tmp_path, cache, monkeypatch):
+    """Step 3 diverges, step 3 is also a checkpoint and the job stops there, before the log row of step 4 has read
+    the step's flag: the checkpoint carries the unread flag, so the resumed run stops at step 4 naming step 3,
+    exactly as the uninterrupted run does; under ``skip`` the resumed row counts it and averages the good steps."""
+    poison_step(monkeypatch, 3)
+    run = tmp_path / "run"
+    args = ("train.steps=8", "train.log_every=4", "train.ckpt_every=3")
+    train(cfg(run, cache, *args), quiet=True, stop_after=3)
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt-00000003.pt"]
+    assert load(list_checkpoints(run)[-1])["log"]["guard"]["bad"] == [False, False, True]
+    with pytest.raises(TrainError, match=r"^non-finite loss or gradient at step 3 \(batch "):
+        train(cfg(run, cache, *args, "train.resume=auto"), quiet=True)
+
+    poison_step(monkeypatch, 3)  # a fresh count: step 3 of the next job diverges
+    run = tmp_path / "run_skip"
+    skip = (*args, "train.on_nonfinite=skip")
+    train(cfg(run, cache, *skip), quiet=True, stop_after=3)
+    summary = train(cfg(run, cache, *skip, "train.resume=auto"), quiet=True)
+    assert summary["nonfinite_steps"] == 1
+    r = rows(run)
+    assert [x["step"] for x in r] == [4, 8] and r[0]["nonfinite_steps"] == 1
+    assert isinstance(r[0]["loss"], float) and "nonfinite_steps" not in r[1]
+
+
 def test_nonfinite_skip_goes_on_and_counts(tmp_path, cache, monkeypatch):
     poison_step(monkeypatch, 3)
     run = tmp_path / "run"
