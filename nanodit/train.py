@@ -672,18 +672,31 @@ def validate_shared(run: Run, final: bool = False) -> dict | None:
     ema = distributed.full_ema(run.dist, run.ema)
     report = None
     if run.validator is not None:
-        report = validate_ema(run.validator, ema, run.dir, run.step, run.metrics, final=final)
+        ckpt = run.saved.get(run.step)  # saved at this step, perhaps still being written in the background
+        report = validate_ema(
+            run.validator, ema, run.dir, run.step, run.metrics, final=final, checkpoint=ckpt
+        )
         run.stages.parts("validation", run.validator.timing)
     run.dist.barrier()
     return report
 
 
-def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metrics, *, final: bool = False):
+def validate_ema(
+    validator: Validator,
+    ema: EMA,
+    run_dir: Path,
+    step: int,
+    metrics,
+    *,
+    final: bool = False,
+    checkpoint: Path | None = None,
+):
     """Judge the EMA weights at ``step`` into ``run_dir/validation/step-<step>/`` (with ``final`` also
     ``run_dir/report/``, and the self-test when ``val.self_test``). The live model is not touched: an eager twin
     (built at the first validation, kept by the validator) gets the EMA weights (the live blocks may be compiled,
     and validation shapes would only add compiles). A failure here is reported and logged but never ends training
-    or loses a checkpoint (re-validate later). Returns {"path", "decision", "scores"} or None."""
+    or loses a checkpoint (re-validate later). ``checkpoint``: the checkpoint of ``step`` the report names (else the
+    file of that step, where one exists). Returns {"path", "decision", "scores"} or None."""
     cfg, manifest = validator.cfg, validator.manifest
     step_dir = run_dir / "validation" / f"step-{step:08d}"
     try:
@@ -695,7 +708,9 @@ def validate_ema(validator: Validator, ema: EMA, run_dir: Path, step: int, metri
         ema.copy_to(vmodel)
         t_twin = time.perf_counter() - t0
         saved = [run_dir / "checkpoints" / f"ckpt-{step:08d}{s}" for s in (".pt", ".dcp")]
-        ckpt = next((p for p in saved if p.exists()), None)  # the weights judged, when saved at this step
+        # the weights judged, when saved at this step: the trainer names its checkpoint (a background write may
+        # not have reached the disk yet); otherwise the file of that step, if there is one
+        ckpt = checkpoint if checkpoint is not None else next((p for p in saved if p.exists()), None)
         extra = {"checkpoint": str(ckpt)} if ckpt is not None else None
         result = validator.run(
             vmodel,

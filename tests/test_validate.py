@@ -537,9 +537,11 @@ def test_hook_writes_step_folders_final_report_and_tensorboard(smoke_run) -> Non
     run_dir, summary = smoke_run
     assert summary["report"]["decision"] in ("GO", "NO-GO")
     assert summary["report"]["path"] == str(run_dir / "report")
-    for folder in (run_dir / "validation" / "step-00000010", run_dir / "report"):
+    for folder, step in ((run_dir / "validation" / "step-00000010", 10), (run_dir / "report", 20)):
         s = json.loads((folder / "scores.json").read_text())
         assert s["decision"] in ("GO", "NO-GO")
+        # the weights judged: the checkpoint of that step, named also while its write runs in the background
+        assert s["checkpoint"] == str(run_dir / "checkpoints" / f"ckpt-{step:08d}.pt")
         for name in ("recon.png", "dino_swap.png", "text_manip.png", "loss.png", "report.md", "report.html"):
             assert (folder / name).is_file(), name
     assert "## History" in (run_dir / "report" / "report.md").read_text()
