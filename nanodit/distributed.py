@@ -13,7 +13,7 @@ What this module owns:
 - the strategy (``train.strategy``). auto: none on one process; on several, ddp for a model under
   ``AUTO_FSDP_PARAMS`` (250M) parameters and fsdp from there on. The rule is the replicated training state: 20
   bytes a parameter (fp32 weights, gradients, two AdamW moments, the EMA), i.e. 0.8 GB for nano (42M) and 15 GB
-  for production (743M), which FSDP divides by the world size. ddp: DistributedDataParallel, gradients
+  for production (749.8M), which FSDP divides by the world size. ddp: DistributedDataParallel, gradients
   all-reduced during the backward. fsdp: FSDP2 (``fully_shard`` on every block, then on the root): weights,
   gradients, AdamW moments and the EMA are sharded fp32 tensors (the master weights); with train.precision=bf16
   the policy all-gathers parameters in bf16 and reduces gradients in fp32, and forward inputs are not cast
