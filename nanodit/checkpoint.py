@@ -16,7 +16,8 @@ at every log step) and no later checkpoint is written after it. ``wait()`` retur
 non-daemon thread, so the interpreter never exits with a checkpoint half written.
 
 A run on several processes writes ``ckpt-<step>.dcp/`` folders instead (torch.distributed.checkpoint, readable on
-any world size: nanodit/dist_checkpoint.py); both kinds are listed, pruned and loaded here alike.
+any world size: nanodit/dist_checkpoint.py); both kinds are listed and pruned here alike and loaded by
+``dist_checkpoint.load_checkpoint`` (this module never imports that one: it builds on this).
 """
 
 from __future__ import annotations
@@ -253,19 +254,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", tensors: bool = True) -> dict:
-    """The state of a checkpoint file, or of a DCP folder read whole (the same dict). ``tensors=False``: of a
-    folder only its metadata (model, ema and optim None; its shard files are checked to be complete)."""
+def load_file(path: str | Path, map_location="cpu", tensors: bool = True) -> dict:
+    """The state of a checkpoint file (``tensors=False``: memory-mapped, so that its tensors are not read). A DCP
+    folder is read by ``dist_checkpoint.load_checkpoint``, which takes either."""
     path = Path(path)
-    if path.is_dir():
-        from nanodit.dist_checkpoint import load_dcp  # late: dist_checkpoint builds on this module
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=not tensors)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first_line(e)})") from None
+    return check_state(path, state)
 
-        state = load_dcp(path, tensors)
-    else:
-        try:  # without tensors: memory-mapped, so that they are not read
-            state = torch.load(path, map_location=map_location, weights_only=False, mmap=not tensors)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot be read as a checkpoint ({first_line(e)})") from None
+
+def check_state(path: Path, state) -> dict:
+    """``state`` itself, if it has what every nanodit checkpoint has; else a one-line CheckpointError."""
     for key in ("model", "ema", "optim", "step", "config"):
         if not isinstance(state, dict) or key not in state:
             raise CheckpointError(f"{path}: not a nanodit checkpoint (no {key!r})")

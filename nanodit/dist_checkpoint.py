@@ -43,9 +43,10 @@ from nanodit.checkpoint import (
     CheckpointError,
     _atomic,
     _failed,
+    check_state,
     first_line,
     list_checkpoints,
-    load_checkpoint,
+    load_file,
     remove_checkpoint,
     rng_state,
     set_rng_state,
@@ -53,6 +54,16 @@ from nanodit.checkpoint import (
 
 META = "meta.pt"
 TENSORS = ("model", "ema", "optim")
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", tensors: bool = True) -> dict:
+    """The state of a checkpoint file, or of a DCP folder read whole (the same dict). ``tensors=False``: of a
+    file its tensors memory-mapped, of a folder only its metadata (model, ema and optim None; its shard files are
+    checked to be complete)."""
+    path = Path(path)
+    if path.is_dir():
+        return check_state(path, load_dcp(path, tensors))
+    return load_file(path, map_location, tensors)
 
 
 # ---- the process's RNG --------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nanodit.checkpoint import CheckpointError, first_line, list_checkpoints, load_checkpoint
+from nanodit.checkpoint import CheckpointError, first_line, list_checkpoints
 from nanodit.config import to_dict
+from nanodit.dist_checkpoint import load_checkpoint
 from nanodit.model import SIZES
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def pick_checkpoint(
     run_dir: Path, resume: str, map_location, tensors: bool = True
 ) -> tuple[Path | None, dict | None]:
     """(path, state) to resume from for ``train.resume`` (none | auto | PATH), or (None, None). ``tensors=False``
-    (several processes): only what a check needs is read (``checkpoint.load_checkpoint``)."""
+    (several processes): only what a check needs is read (``dist_checkpoint.load_checkpoint``)."""
     if resume == "none":
         return None, None
     if resume != "auto":

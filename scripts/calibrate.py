@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from nanodit.checkpoint import latest_checkpoint, load_checkpoint
+from nanodit.checkpoint import latest_checkpoint
 from nanodit.config import from_dict, load_config
 from nanodit.data.prepare import prepare
+from nanodit.dist_checkpoint import load_checkpoint
 from nanodit.model import build_model
 from nanodit.validation.cases import has_scenes, read_val_samples, select_cases
 from nanodit.validation.sampling import generate

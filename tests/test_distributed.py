@@ -30,8 +30,9 @@ import pytest
 import torch
 from smokerun import smoke_cache, tiny_overrides
 
-from nanodit.checkpoint import list_checkpoints, load_checkpoint
+from nanodit.checkpoint import list_checkpoints
 from nanodit.config import ConfigError, load_config
+from nanodit.dist_checkpoint import load_checkpoint
 from nanodit.train import train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -725,8 +725,9 @@ def test_cli_one_line_errors(smoke_run, tmp_path, capsys, args, message) -> None
 
 
 def smoke_model(run_dir):
-    from nanodit.checkpoint import latest_checkpoint, load_checkpoint
+    from nanodit.checkpoint import latest_checkpoint
     from nanodit.config import from_dict
+    from nanodit.dist_checkpoint import load_checkpoint
     from nanodit.model import build_model
 
     state = load_checkpoint(latest_checkpoint(run_dir))

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from nanodit.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from nanodit.checkpoint import CheckpointError, latest_checkpoint
 from nanodit.config import Config, ConfigError, check, from_dict
 from nanodit.data.prepare import prepare
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
+from nanodit.dist_checkpoint import load_checkpoint
 from nanodit.logs import add_verbosity, command_logging, verbosity
 from nanodit.model import build_model
 from nanodit.validation.cases import read_val_samples
