@@ -43,6 +43,21 @@ def test_train_help_lists_every_config_key(capsys) -> None:
     assert "timestep shift" in out  # the descriptions come with the keys
 
 
+def test_validate_help_lists_the_keys_it_takes_and_only_those(capsys) -> None:
+    """``nanodit validate --help``: every val.* key and the data/device keys a re-validation may change, with
+    their descriptions; none of the keys the weights fix (model.*, the training recipe)."""
+    with pytest.raises(SystemExit) as e:
+        main(["validate", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nanodit validate")
+    for field in Config.__dataclass_fields__["val"].default_factory().__dataclass_fields__:
+        assert f"  val.{field} = " in out, f"val.{field}"
+    for key in ("data.path", "data.cache_dir", "train.device", "train.precision"):
+        assert f"  {key} = " in out, key
+    assert "Euler steps" in out and "model.depth" not in out and "train.lr " not in out
+
+
 def test_every_commented_config_key_shows_its_comment() -> None:
     """A field with a comment on its own line(s), including inside the parentheses the formatter wraps a long
     default in, gets it as its description in --help: none is lost (val.self_test's and val.cuda_graph's were)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from nanodit.checkpoint import CheckpointError, latest_checkpoint
-from nanodit.config import Config, ConfigError, check, from_dict
+from nanodit.config import Config, ConfigError, check, describe, from_dict
 from nanodit.data.prepare import prepare
 from nanodit.data.shards import ShardError
 from nanodit.device import DeviceError, pick_device, set_precision
@@ -89,11 +89,24 @@ def validate_checkpoint(
     return {"path": str(path), "decision": result["decision"], "scores": result}
 
 
+def overridable_keys() -> str:
+    """The ``describe`` lines of the keys this command takes (``CLI_KEYS``), with their defaults."""
+    lines = []
+    for line in describe(Config()).splitlines():
+        key = line.strip().split(" = ")[0]
+        if any(key.startswith(k) if k.endswith(".") else key == k[:-1] for k in CLI_KEYS):
+            lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m nanodit.validate",
+        prog="nanodit validate",
         description="Validate a run's EMA weights (reconstruction, DINO swap, text manipulation) and write the "
-        "GO / NO-GO / INCOMPLETE report.",
+        "GO / NO-GO / INCOMPLETE report (= python -m nanodit.validate).",
+        epilog="config keys it takes (key=value; the values shown are the defaults, a run's own come from its "
+        "checkpoint; every other key is fixed by the weights):\n" + overridable_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--run", required=True, help="the run folder (config and checkpoints come from it)")
     ap.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
