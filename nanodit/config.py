@@ -273,6 +273,15 @@ def _get(cfg: Config, key: str) -> Any:
 
 def check(cfg: Config) -> Config:
     """Range and choice checks the type system cannot express. Raises ConfigError."""
+    _check_ranges(cfg)
+    _check_train(cfg.train)
+    _check_model(cfg)
+    _check_data(cfg.data)
+    return cfg
+
+
+def _check_ranges(cfg: Config) -> None:
+    """The choices, the model size and the numeric ranges of the keys listed above."""
     from nanodit.model import SIZES  # late import: the model module imports torch
 
     for key, allowed in CHOICES.items():
@@ -289,7 +298,9 @@ def check(cfg: Config) -> Config:
     for key in UNIT_INTERVAL:
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"config: {key}={_get(cfg, key)} must be in [0, 1]")
-    t = cfg.train
+
+
+def _check_train(t: TrainConfig) -> None:
     if t.p_drop_both + t.p_drop_text + t.p_drop_dino > 1.0:
         raise ConfigError("config: train.p_drop_both + p_drop_text + p_drop_dino must be <= 1")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
@@ -306,6 +317,18 @@ def check(cfg: Config) -> Config:
         )
     if t.min_lr > t.lr:
         raise ConfigError(f"config: train.min_lr={t.min_lr} must be <= train.lr={t.lr}")
+    resume = Path(t.resume)
+    if t.resume not in ("none", "auto") and not (
+        resume.is_file() or resume.suffix == ".dcp" and resume.is_dir()
+    ):
+        raise ConfigError(
+            f"config: train.resume={t.resume!r} is neither none, auto, a checkpoint file nor a .dcp checkpoint folder"
+        )
+
+
+def _check_model(cfg: Config) -> None:
+    from nanodit.model import SIZES  # late import: the model module imports torch
+
     m = cfg.model
     for key in ("depth", "width", "heads"):
         v = getattr(m, key)
@@ -319,7 +342,9 @@ def check(cfg: Config) -> Config:
         raise ConfigError(
             f"config: data.synth_size={cfg.data.synth_size} must be >= 16 and a multiple of 2*model.patch"
         )
-    d = cfg.data
+
+
+def _check_data(d: DataConfig) -> None:
     if d.t5_max_len is not None and d.t5_max_len <= 0:
         raise ConfigError(f"config: data.t5_max_len={d.t5_max_len} must be > 0 (or null: the manifest's)")
     names = dataclasses.asdict(d.keys)
@@ -333,14 +358,6 @@ def check(cfg: Config) -> Config:
         raise ConfigError(
             f"config: data.keys: {dup[0]!r} is given for two keys ({', '.join(k for k, e in names.items() if e == dup[0])})"
         )
-    resume = Path(t.resume)
-    if t.resume not in ("none", "auto") and not (
-        resume.is_file() or resume.suffix == ".dcp" and resume.is_dir()
-    ):
-        raise ConfigError(
-            f"config: train.resume={t.resume!r} is neither none, auto, a checkpoint file nor a .dcp checkpoint folder"
-        )
-    return cfg
 
 
 def _printable(text: str) -> str:

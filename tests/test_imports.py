@@ -1,5 +1,6 @@
-"""The package's import graph, read from the source (ast, nothing imported): no module imports itself back
-through others. Imports inside functions count too: a late import hides a cycle, it does not remove it."""
+"""The package read from its source (ast, nothing imported): no module imports itself back through others
+(imports inside functions count too: a late import hides a cycle, it does not remove it), and no function runs
+over 60 lines."""
 
 from __future__ import annotations
 
@@ -81,3 +82,16 @@ def test_the_scan_sees_imports_and_finds_a_planted_cycle():
 def test_no_module_of_the_package_imports_itself_back():
     found = cycles(graph())
     assert not found, f"import cycles (late imports included): {found}"
+
+
+def test_no_function_of_the_package_runs_over_60_lines():
+    """The house rule (a function reads on one screen): every function and method of ``nanodit/``, docstring
+    included, is at most 60 lines."""
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

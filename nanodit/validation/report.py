@@ -357,77 +357,76 @@ def _self_test_rows(st: dict) -> list[list[str]]:
     ]
 
 
-def blocks(result: dict, files: dict[str, str], history: list[dict] | None, final: bool) -> list[tuple]:
-    """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, alt)."""
-    s = result["sampling"]
+def _decision_blocks(result: dict, final: bool) -> list[tuple]:
+    """The title, the decision with what failed or is missing, how to read it, and the criteria table."""
     title = "Final report" if final else f"Validation at step {result['step']}"
-    out: list[tuple] = [("h1", f"{title}: {result['decision']}")]
     failed = ", ".join(result["failed"]) or "none"
     missing = ", ".join(result["not_computed"]) or "none"
-    out.append(
+    out: list[tuple] = [
+        ("h1", f"{title}: {result['decision']}"),
         (
             "p",
             f"Decision **{result['decision']}** at step {result['step']} ({result['data']} data). Failed: {failed}. Not computed: {missing}.",
-        )
-    )
-    out.append(
+        ),
         (
             "p",
             "GO needs every required criterion computed and passing; NO-GO: a criterion failed; INCOMPLETE: "
             "none failed but a required one could not be computed (or the self-test showed no power).",
-        )
-    )
+        ),
+    ]
     for line in decision_summary(result):
         out.append(("p", f"**{line}**" if line.startswith(("WARNING", "the decision")) else line))
-    out.append(
+    headers = ["criterion", "value", "passed / interval", "threshold", "verdict", "what / why"]
+    out.append(("table", headers, _criteria_rows(result)))
+    return out
+
+
+def _self_test_blocks(st: dict | None) -> list[tuple]:
+    if not st:
+        return []
+    return [
+        ("h2", "Self-test: planted faults"),
         (
-            "table",
-            ["criterion", "value", "passed / interval", "threshold", "verdict", "what / why"],
-            _criteria_rows(result),
-        )
-    )
-    if result.get("self_test"):
-        out.append(("h2", "Self-test: planted faults"))
-        out.append(
-            (
-                "p",
-                "The same cases with a fault planted in the trained weights; each must fail the criterion it "
-                "targets, or these tests could not catch that fault on this run.",
-            )
-        )
-        out.append(
-            (
-                "table",
-                ["fault", "what", "target", "target value", "verdict", "decision"],
-                _self_test_rows(result["self_test"]),
-            )
-        )
-    out.append(("h2", "Run"))
-    out.append(("table", ["", ""], _identity_rows(result)))
-    if result.get("effects") and result["effects"].get("caption"):
-        out.append(("h2", "How much each condition moves the prediction"))
-        out.append(
-            (
-                "p",
-                "On the reconstruction cases at x_t = (1-t) x0 + t eps: the relative change of v when the caption "
-                "(or the DINO) is replaced by its learned null. 0 at every t: the model ignores that condition.",
-            )
-        )
-        if "effects" in files:
-            out.append(("img", files["effects"], "condition effect"))
-        out.append(("table", ["t", "caption", "DINO"], _effect_rows(result["effects"])))
-    out.append(("h2", "Numbers"))
+            "p",
+            "The same cases with a fault planted in the trained weights; each must fail the criterion it "
+            "targets, or these tests could not catch that fault on this run.",
+        ),
+        ("table", ["fault", "what", "target", "target value", "verdict", "decision"], _self_test_rows(st)),
+    ]
+
+
+def _effect_blocks(effects: dict | None, files: dict[str, str]) -> list[tuple]:
+    if not (effects and effects.get("caption")):
+        return []
+    out: list[tuple] = [
+        ("h2", "How much each condition moves the prediction"),
+        (
+            "p",
+            "On the reconstruction cases at x_t = (1-t) x0 + t eps: the relative change of v when the caption "
+            "(or the DINO) is replaced by its learned null. 0 at every t: the model ignores that condition.",
+        ),
+    ]
+    if "effects" in files:
+        out.append(("img", files["effects"], "condition effect"))
+    out.append(("table", ["t", "caption", "DINO"], _effect_rows(effects)))
+    return out
+
+
+def _number_blocks(result: dict) -> list[tuple]:
+    """The numbers, how the samples were drawn, and what decoded and scored them."""
+    s = result["sampling"]
     nums = [[k, _num(v)] for k, v in result["numbers"].items() if k != "counts"]
-    out.append(("table", ["number", "value"], nums))
-    out.append(
+    out: list[tuple] = [
+        ("h2", "Numbers"),
+        ("table", ["number", "value"], nums),
         (
             "p",
             f"Sampling: EMA weights, {s['steps']} Euler steps (schedule shift {s.get('shift', 1.0):g}), guidance "
             f"DINO {s['guidance_dino']:g} / text {s['guidance_text']:g}, seed {s['seed']}, {s['samples_per_test']} "
             f"samples per test, {s['sampler_calls']} sampler call(s), precision {s['precision']}, {s['device']}: "
             f"{s['seconds']:.2f} s sampling, {result['seconds']:.2f} s in all.",
-        )
-    )
+        ),
+    ]
     dec = result["decoder"]
     if "why" in dec:
         out.append(("p", f"Images cannot be decoded: {dec['why']}. How to provide: {dec['how']}."))
@@ -438,23 +437,45 @@ def blocks(result: dict, files: dict[str, str], history: list[dict] | None, fina
         out.append(("p", f"LPIPS not computed: {lp['why']}. How to provide: {lp['how']}."))
     else:
         out.append(("p", f"LPIPS: net {lp['net']}, backbone {lp['backbone']} ({lp['source']})."))
+    return out
+
+
+def _history_and_loss_blocks(result: dict, files: dict[str, str], history: list[dict] | None) -> list[tuple]:
+    out: list[tuple] = []
     if history:
-        out.append(("h2", "History"))
         names = list(result["criteria"])
         rows = [[str(h["step"]), h["decision"]] + [_num(h["values"].get(n)) for n in names] for h in history]
-        out.append(("table", ["step", "decision"] + names, rows))
+        out += [("h2", "History"), ("table", ["step", "decision"] + names, rows)]
     if "loss" in files:
-        out.append(("h2", "Training loss"))
-        out.append(("img", files["loss"], "training loss"))
+        out += [("h2", "Training loss"), ("img", files["loss"], "training loss")]
     if "loss_bins" in files:
         out.append(("p", "Training loss per t bin (1 = noise): where in t the model has not fit its data."))
         out.append(("img", files["loss_bins"], "training loss per t bin"))
+    return out
+
+
+def _case_blocks(result: dict, files: dict[str, str]) -> list[tuple]:
+    out: list[tuple] = []
     for test in ("recon", "dino_swap", "text_manip"):
         out.append(("h2", TITLES[test]))
         if test in files:
             out.append(("img", files[test], TITLES[test]))
         out.append(("table", CASE_HEADERS[test], _case_rows(result, test)))
     return out
+
+
+def blocks(result: dict, files: dict[str, str], history: list[dict] | None, final: bool) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p", text), ("table", headers, rows), ("img", file, alt)."""
+    return [
+        *_decision_blocks(result, final),
+        *_self_test_blocks(result.get("self_test")),
+        ("h2", "Run"),
+        ("table", ["", ""], _identity_rows(result)),
+        *_effect_blocks(result.get("effects"), files),
+        *_number_blocks(result),
+        *_history_and_loss_blocks(result, files, history),
+        *_case_blocks(result, files),
+    ]
 
 
 def decision_lines(result: dict, path: str | Path) -> list[str]:

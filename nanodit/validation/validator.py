@@ -183,6 +183,22 @@ class Validator:
         t0 = time.perf_counter()
         self.timing = {}
         ev = self.evaluate(model, run_dir)
+        result = self._result(ev, step, run_dir)
+        if self_test:
+            self._add_self_test(result, model, ev, run_dir)
+        result.update(extra or {})
+        result["seconds"] = time.perf_counter() - t0
+        if metrics is not None:
+            report.log_scores(metrics, step, result)  # metrics.jsonl is the training thread's to write
+        if background:  # the files and TensorBoard's images while training goes on (CPU work: PNG, plots)
+            args = (out_dir, result, ev["images"], metrics, self.background_timing)
+            self._pending = (step, self._executor().submit(self._write, *args))
+        else:
+            self._write(out_dir, result, ev["images"], metrics, self.timing)
+        return result
+
+    def _result(self, ev: dict, step: int, run_dir: str | Path) -> dict:
+        """The scores dict of an evaluation: its criteria and numbers, what was judged and how it was sampled."""
         result = {k: v for k, v in ev.items() if k not in ("images", "sample_seconds")}
         result.update(step=step, data="shapes" if self.shapes else "real", decoder=self.tools.decoder_info)
         result["lpips"] = self.tools.lpips_info
@@ -207,32 +223,25 @@ class Validator:
             "seconds": ev["sample_seconds"],
         }
         result["loss_curve"] = [[s, v] for s, v in read_loss_log(Path(run_dir) / "metrics.jsonl")]
-        if self_test:
-            self._prefix = "self_test."
-            try:
-                with self._timed("other"):  # model builds, planting; sample and score are counted apart
-                    st = self.self_test(model, ev, run_dir)
-            finally:
-                self._prefix = ""
-            inner = sum(
-                v for k, v in self.timing.items() if k.startswith("self_test.") and k != "self_test.other"
-            )
-            self.timing["self_test.other"] -= inner
-            result["self_test"] = st
-            if st["power"] is False and result["decision"] == "GO":
-                missed = [e["fault"] for e in st["faults"].values() if e["caught"] is not True]
-                result["decision"] = "INCOMPLETE"
-                result["no_power"] = missed
-        result.update(extra or {})
-        result["seconds"] = time.perf_counter() - t0
-        if metrics is not None:
-            report.log_scores(metrics, step, result)  # metrics.jsonl is the training thread's to write
-        if background:  # the files and TensorBoard's images while training goes on (CPU work: PNG, plots)
-            args = (out_dir, result, ev["images"], metrics, self.background_timing)
-            self._pending = (step, self._executor().submit(self._write, *args))
-        else:
-            self._write(out_dir, result, ev["images"], metrics, self.timing)
         return result
+
+    def _add_self_test(self, result: dict, model: torch.nn.Module, ev: dict, run_dir: str | Path) -> None:
+        """The planted faults into ``result["self_test"]``; a GO whose self-test missed a fault is INCOMPLETE."""
+        self._prefix = "self_test."
+        try:
+            with self._timed("other"):  # model builds, planting; sample and score are counted apart
+                st = self.self_test(model, ev, run_dir)
+        finally:
+            self._prefix = ""
+        inner = sum(
+            v for k, v in self.timing.items() if k.startswith("self_test.") and k != "self_test.other"
+        )
+        self.timing["self_test.other"] -= inner
+        result["self_test"] = st
+        if st["power"] is False and result["decision"] == "GO":
+            missed = [e["fault"] for e in st["faults"].values() if e["caught"] is not True]
+            result["decision"] = "INCOMPLETE"
+            result["no_power"] = missed
 
     @staticmethod
     def _write(out_dir: str | Path, result: dict, images: dict, metrics, timing: dict[str, float]) -> None:
