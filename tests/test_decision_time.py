@@ -56,7 +56,8 @@ def test_decision_time_writes_cold_and_warm_with_stages(tmp_path):
         # the validation's parts: the final one in this thread (within the stage), nothing left in the background
         inside = st["validation_parts"]
         assert {"sample", "score", "report", "twin"} <= set(inside)
-        assert sum(inside.values()) <= st["validation"]
+        # each figure is rounded to the ms: the parts' sum may pass the stage by half a ms per rounded figure
+        assert sum(inside.values()) <= st["validation"] + 0.0005 * (len(inside) + 1)
     assert r["stages"]["cold"]["data"] > r["stages"]["warm"]["data"]  # the cold run writes the shapes set
     assert r["trainer_ms_per_step"] > 0
     for run in ("cold", "warm"):
