@@ -273,22 +273,22 @@ def _get(cfg: Config, key: str) -> Any:
 
 def check(cfg: Config) -> Config:
     """Range and choice checks the type system cannot express. Raises ConfigError."""
-    _check_ranges(cfg)
+    from nanodit.model import SIZES  # late import: the model module imports torch
+
+    _check_ranges(cfg, SIZES)
     _check_train(cfg.train)
-    _check_model(cfg)
+    _check_model(cfg, SIZES)
     _check_data(cfg.data)
     return cfg
 
 
-def _check_ranges(cfg: Config) -> None:
-    """The choices, the model size and the numeric ranges of the keys listed above."""
-    from nanodit.model import SIZES  # late import: the model module imports torch
-
+def _check_ranges(cfg: Config, sizes: dict) -> None:
+    """The choices, the model size (one of ``sizes``) and the numeric ranges of the keys listed above."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"config: {key}={_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    if cfg.model.size not in SIZES:
-        raise ConfigError(f"config: model.size={cfg.model.size!r} is not one of {', '.join(SIZES)}")
+    if cfg.model.size not in sizes:
+        raise ConfigError(f"config: model.size={cfg.model.size!r} is not one of {', '.join(sizes)}")
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config: {key}={_get(cfg, key)} must be > 0")
@@ -326,16 +326,14 @@ def _check_train(t: TrainConfig) -> None:
         )
 
 
-def _check_model(cfg: Config) -> None:
-    from nanodit.model import SIZES  # late import: the model module imports torch
-
+def _check_model(cfg: Config, sizes: dict) -> None:
     m = cfg.model
     for key in ("depth", "width", "heads"):
         v = getattr(m, key)
         if v is not None and v <= 0:
             raise ConfigError(f"config: model.{key}={v} must be > 0")
-    width = m.width or SIZES[m.size]["width"]
-    heads = m.heads or SIZES[m.size]["heads"]
+    width = m.width or sizes[m.size]["width"]
+    heads = m.heads or sizes[m.size]["heads"]
     if width % heads:
         raise ConfigError(f"config: model.width={width} is not divisible by model.heads={heads}")
     if cfg.data.synth_size % (2 * m.patch) or cfg.data.synth_size < 16:

@@ -6,10 +6,10 @@
 x, y (B, T, D), any float dtype, any B/T strides; shift, scale, gate (B, D), e.g. ``chunk()`` slices of
 one (B, 6D) adaLN output. LayerNorm has no affine and eps 1e-6; statistics and sums are fp32; outputs
 are in the input dtype, except h under autocast in eager calls: it is stored in the autocast dtype, the dtype the
-linear layer that reads it casts it to (``ref.branch_dtype``; the twins do the same). Eager calls run an ``autograd.Function``; under torch.compile the same code is a
-``torch.library`` op with autograd (a triton op on a GPU, a custom op under the interpreter; see
-``doors.CompileDoors``), traced without a graph break. CPU tensors run through Triton's interpreter
-(``TRITON_INTERPRET=1``).
+linear layer that reads it casts it to (``ref.branch_dtype``; the twins do the same). Eager calls run an
+``autograd.Function``; under torch.compile the same code is a ``torch.library`` op with autograd (a triton op on a
+GPU, a custom op under the interpreter; see ``doors.CompileDoors``), traced without a graph break. CPU tensors run
+through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 The forwards also write each row's LayerNorm mean and rstd (fp32, 8 bytes a row: +0.5% over 2Ne at D=384,
 bf16), which the backwards read instead of recomputing them: two of the four row reductions per tile and
@@ -204,6 +204,11 @@ def _residual_modulate_bwd_kernel(
 # launchers (plain functions on tensors; the custom ops below wrap them)
 
 
+def _sum_dtype(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
+    """The dtype of x + gate * y (x + y without a gate): torch's promotion of the three."""
+    return torch.promote_types(x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype))
+
+
 def _new_stats(B: int, T: int, device: torch.device) -> torch.Tensor:
     return torch.empty((2, B, T), dtype=torch.float32, device=device)  # mean, rstd of each row
 
@@ -276,9 +281,7 @@ def _residual_modulate_fwd(
     x, y, shift, scale = checks.rows3d(x), checks.rows3d(y), checks.rows2d(shift), checks.rows2d(scale)
     gate = None if gate is None else checks.rows2d(gate)
     B, T, D = x.shape
-    dtype = torch.promote_types(
-        x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
-    )
+    dtype = _sum_dtype(x, y, gate)
     xn = torch.empty((B, T, D), dtype=dtype, device=x.device)
     h = torch.empty((B, T, D), dtype=h_dtype or dtype, device=x.device)
     stats = _new_stats(B, T, x.device)
@@ -389,10 +392,7 @@ def _residual_modulate_backward(ctx, dxn, dh, _dstats, bwd):
 class _ResidualModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale):
-        dtype = torch.promote_types(
-            x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
-        )
-        h_dtype = branch_dtype(x, dtype)
+        h_dtype = branch_dtype(x, _sum_dtype(x, y, gate))
         xn, h, stats = _residual_modulate_fwd(x, y, gate, shift, scale, h_dtype=h_dtype)
         _residual_modulate_setup(ctx, (x, y, gate, shift, scale), (xn, h, stats))
         return xn, h
@@ -429,9 +429,7 @@ _MODULATE = doors.CompileDoors(
 
 
 def _residual_modulate_fake(x, y, gate, shift, scale):
-    dtype = torch.promote_types(
-        x.dtype, y.dtype if gate is None else torch.promote_types(y.dtype, gate.dtype)
-    )
+    dtype = _sum_dtype(x, y, gate)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), _stats_fake(x)
 
 
